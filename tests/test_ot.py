@@ -1,0 +1,126 @@
+"""The OT pieces of otpr.py against POT's exact L2-regularised OT (Blondel et al., 2018).
+
+With uniform weights mu_i = 1/n, nu_j = 1/m, our problem min E_pi[c] + eps E_{mu x nu}[(d pi / d(mu x nu))^2] is POT's
+min <pi, C> + (reg / 2) ||pi||^2 with reg = 2 eps n m, and the two duals coincide: u = alpha, v = beta.
+"""
+import numpy as np
+import ot
+import pytest
+import torch
+
+import otpr
+
+# Neural potentials fitted by `fit_potentials` must reproduce POT's plan within this total-variation distance.
+PLAN_TV_TOLERANCE = 0.02
+
+
+def pot_solution(cost: torch.Tensor, epsilon: float):
+    n, m = cost.shape
+    plan, log = ot.smooth.smooth_ot_dual(np.full(n, 1 / n), np.full(m, 1 / m), cost.double().numpy(),
+                                         2 * epsilon * n * m, reg_type="l2", stopThr=1e-12, numItermax=5000, log=True)
+    return plan, torch.as_tensor(log["alpha"]), torch.as_tensor(log["beta"])
+
+
+def fit_tabular_potentials(cost, epsilon, mask=None, max_steps=6000, tolerance=0.005):
+    """Potentials on one-hot inputs: the networks of otpr.py act as tables, so the fit can be exact."""
+    torch.manual_seed(0)
+    n, m = cost.shape
+    u_net = otpr.mlp(n, (64, 64), 1, torch.nn.SiLU)
+    v_net = otpr.mlp(m, (64, 64), 1, torch.nn.SiLU)
+    optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=1e-3)
+    states, actions = torch.eye(n), torch.eye(m)
+    stats = otpr.fit_potentials(u_net, v_net, optimizer, states, actions, cost, epsilon, mask,
+                                max_steps=max_steps, tolerance=tolerance)
+    with torch.no_grad():
+        h = otpr.compatibility(u_net(states), v_net(actions).T, cost, epsilon)
+    return h if mask is None else h * mask, stats
+
+
+@pytest.fixture
+def cost():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 2, generator=generator), torch.randn(10, 2, generator=generator)
+    return torch.cdist(x, y) ** 2
+
+
+def test_compatibility_and_dual_match_pot_at_its_optimum(cost):
+    epsilon = 0.05
+    plan, alpha, beta = pot_solution(cost, epsilon)
+    u, v, c = alpha[:, None], beta[None, :], cost.double()
+    h = otpr.compatibility(u, v, c, epsilon)
+    n, m = cost.shape
+    np.testing.assert_allclose(h.numpy() / (n * m), plan, atol=1e-9)  # d pi = H d mu d nu (Eq. 6)
+    # Eq. 5 equals POT's dual objective, which at the optimum equals the regularised primal value.
+    primal = (plan * cost.double().numpy()).sum() + epsilon * n * m * (plan**2).sum()
+    assert otpr.l2_dual_objective(u, v, c, epsilon).item() == pytest.approx(primal, rel=1e-6)
+    # First-order optimality: E_a H = 1 for every state and E_s H = 1 for every action.
+    np.testing.assert_allclose(h.mean(1).numpy(), 1, atol=1e-5)
+    np.testing.assert_allclose(h.mean(0).numpy(), 1, atol=1e-5)
+
+
+def test_dual_is_smaller_away_from_the_optimum(cost):
+    epsilon = 0.05
+    _, alpha, beta = pot_solution(cost, epsilon)
+    best = otpr.l2_dual_objective(alpha[:, None], beta[None], cost.double(), epsilon)
+    perturbed = otpr.l2_dual_objective(alpha[:, None] + 0.05 * torch.randn(12, 1, dtype=torch.float64), beta[None],
+                                       cost.double(), epsilon)
+    assert perturbed < best
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 0.05, 0.5])
+def test_fitted_potentials_recover_pot_plan(cost, epsilon):
+    plan, _, _ = pot_solution(cost, epsilon)
+    h, stats = fit_tabular_potentials(cost, epsilon)
+    n, m = cost.shape
+    ours = h.numpy() / (n * m)
+    assert 0.5 * np.abs(ours - plan).sum() < PLAN_TV_TOLERANCE
+    assert stats["residual_s"] < 0.005 and stats["residual_a"] < 0.005
+    np.testing.assert_allclose(h.mean(1).numpy(), 1, atol=0.02)  # E_a H = 1 per state
+
+
+def test_masked_ot_matches_keypoints_and_equals_pot_with_forbidden_pairs():
+    generator = torch.Generator().manual_seed(1)
+    num_keys, n = 3, 9
+    size = num_keys + n
+    cost = torch.rand(size, size, generator=generator)
+    mask = torch.zeros(size, size)
+    mask[num_keys:, num_keys:] = 1
+    mask[range(num_keys), range(num_keys)] = 1
+    epsilon = 0.05
+    h, stats = fit_tabular_potentials(cost, epsilon, mask)
+    plan = h / size**2
+    # every keypoint state sends all its mass mu_k = 1 / size to its own keypoint action
+    np.testing.assert_allclose(plan.diagonal()[:num_keys].numpy(), 1 / size, rtol=0.02)
+    # masked rows and columns carry no mass
+    assert plan[:num_keys, num_keys:].abs().max() == 0 and plan[num_keys:, :num_keys].abs().max() == 0
+    # the masked problem is POT's problem with the masked pairs priced out
+    reference, _, _ = pot_solution(cost + 100.0 * (1 - mask), epsilon)
+    assert 0.5 * np.abs(plan.numpy() - reference).sum() < PLAN_TV_TOLERANCE
+
+
+def test_transport_cost_modes():
+    torch.manual_seed(0)
+    qf = otpr.TwinQ(5, 3, (16,))
+    s, a = torch.randn(7, 5), torch.randn(7, 3)
+    keys = (torch.randn(4, 5), torch.randn(4, 3))
+    unsupervised = otpr.TransportCost(*keys, otpr.Args(ot_mode="unsupervised"))
+    torch.testing.assert_close(unsupervised(qf, s, a), -qf.min(s, a))  # c = -Q (Eq. 8)
+    guidance_only = otpr.TransportCost(*keys, otpr.Args(ot_mode="masked", ot_alpha=1.0))
+    g = guidance_only(qf, s, a, all_pairs=True)
+    assert g.shape == (7, 7) and (g >= 0).all() and (g <= np.log(2) + 1e-6).all()  # JS is in [0, ln 2]
+    torch.testing.assert_close(g.diagonal(), guidance_only(qf, s, a))  # all pairs and aligned pairs agree
+    mixed = otpr.TransportCost(*keys, otpr.Args(ot_mode="masked", ot_alpha=0.25))
+    torch.testing.assert_close(mixed(qf, s, a), 0.75 * -qf.min(s, a) + 0.25 * guidance_only(qf, s, a))
+    mixed.scale.fill_(2.0)  # the normalisation divides every cost alike
+    torch.testing.assert_close(mixed(qf, s, a), (0.75 * -qf.min(s, a) + 0.25 * guidance_only(qf, s, a)) / 2)
+
+
+def test_relation_vectors_and_js():
+    torch.manual_seed(0)
+    keys = torch.randn(5, 3)
+    r = otpr.relation_vectors(torch.randn(8, 3), keys, tau=0.1)
+    torch.testing.assert_close(r.sum(-1), torch.ones(8))
+    assert otpr.relation_vectors(keys, keys, tau=0.01).argmax(-1).tolist() == list(range(5))  # nearest is itself
+    assert otpr.js_divergence(r, r).abs().max() < 1e-6
+    one_hot = torch.eye(5)
+    assert otpr.js_divergence(one_hot[0], one_hot[1]).item() == pytest.approx(np.log(2), abs=1e-6)

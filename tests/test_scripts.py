@@ -1,0 +1,145 @@
+"""otpr.py and idql_baseline.py end to end on Kitchen-Complete-v0 with a tiny budget (CPU, about a minute)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("D4RL_DATASET_DIR", ROOT.parent / "shared" / "data" / "d4rl")).resolve()
+TINY = [
+    "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
+    "--num-envs", "2", "--num-steps", "10", "--total-timesteps", "240", "--eval-episodes", "1", "--eval-frequency", "2",
+    "--critic-warmup-iterations", "1", "--checkpoint-frequency", "1", "--replay-ratio", "0.2", "--num-candidates", "2",
+    "--actor-hidden", "64", "64", "64", "--critic-hidden", "32", "32", "--critic-batch-size", "32",
+    "--actor-batch-size", "32",
+]
+OTPR_TINY = ["--ot-hidden", "32", "32", "--ot-batch-size", "32", "--num-keypoints", "16", "--ot-max-steps", "50"]
+ITERATIONS, ENV_STEPS = 3, 240  # 240 // (2 envs * 10 decisions * 4 actions per chunk)
+
+pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"D4RL kitchen data not found in {DATA_DIR}")
+
+
+def run(script: str, args: list[str], cwd: Path, **kwargs):
+    env = {**os.environ, "D4RL_DATASET_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def finish(process) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def run_dir(cwd: Path, exp_name: str) -> Path:
+    (path,) = (cwd / "runs").glob(f"Kitchen-Complete-v0__{exp_name}__3__*")
+    return path
+
+
+def scalars(path: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Runs otpr.py (which pre-trains and saves the shared checkpoint), then idql_baseline.py, which must reuse it."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    otpr_log = finish(run("otpr.py", TINY + OTPR_TINY, cwd))
+    idql_log = finish(run("idql_baseline.py", TINY, cwd))
+    return cwd, otpr_log, idql_log
+
+
+@pytest.mark.parametrize("exp_name", ["otpr", "idql_baseline"])
+def test_summary_tensorboard_and_checkpoints(workdir, exp_name):
+    cwd, _, _ = workdir
+    path = run_dir(cwd, exp_name)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["env_steps"] == ENV_STEPS and summary["iterations"] == ITERATIONS
+    assert [entry["iteration"] for entry in summary["history"]] == [0, 2, 3]  # every 2 iterations and at the end
+    for key in ("pretrained", "final", "best"):
+        assert 0 <= summary[key]["success_rate"] <= 1 and 0 <= summary[key]["normalized_score"] <= 100
+        assert summary[key]["episodes"] == 1
+    assert summary["SPS"] > 0 and summary["wall_time_s"] > 0
+    assert set(summary["time_per_iteration_s"]) == {"env", "sampling", "critic", "ot", "actor", "eval"}
+    assert (summary["time_per_iteration_s"]["ot"] > 0) == (exp_name == "otpr")
+
+    logged = scalars(path)
+    for tag in ("charts/success_rate", "charts/normalized_score", "charts/episodic_return"):
+        assert len(logged[tag]) == 3
+    for tag in ("charts/SPS", "losses/q", "losses/v", "losses/actor", "time/env", "time/critic"):
+        assert tag in logged
+    if exp_name == "otpr":
+        for tag in ("ot/dual", "ot/residual_s", "ot/residual_a", "ot/heldout_residual_s", "ot/heldout_residual_a",
+                    "ot/frac_zero_h", "ot/keypoint_match_rate", "ot/steps"):
+            assert len(logged[tag]) == ITERATIONS - 1  # fitted every iteration after the critic warm-up
+    else:
+        assert not any(tag.startswith("ot/") for tag in logged)
+
+    checkpoint = torch.load(path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["iteration"] == ITERATIONS and checkpoint["global_step"] == ENV_STEPS
+    assert checkpoint["replay"]["size"] > ITERATIONS * 2 * 10  # demonstrations plus every online decision
+    assert ("u_net" in checkpoint) == (exp_name == "otpr")
+    assert (path / f"{exp_name}.pt").exists()
+
+
+def test_both_methods_start_from_the_same_pretrained_policy(workdir):
+    cwd, otpr_log, idql_log = workdir
+    otpr_summary = json.loads((run_dir(cwd, "otpr") / "summary.json").read_text())
+    idql_summary = json.loads((run_dir(cwd, "idql_baseline") / "summary.json").read_text())
+    assert otpr_summary["pretrained_checkpoint"] == idql_summary["pretrained_checkpoint"]
+    assert "saved the pre-trained policy" in otpr_log and "loaded the pre-trained policy" in idql_log
+    assert len(list((cwd / "pretrained").glob("*.pt"))) == 1
+    # same checkpoint, seeds and deterministic evaluation: the same pre-trained score, episode for episode
+    assert otpr_summary["pretrained"] == idql_summary["pretrained"]
+
+
+def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
+    cwd, _, _ = workdir
+    (checkpoint,) = (cwd / "pretrained").glob("*.pt")
+    state = torch.load(checkpoint, weights_only=False)
+    state["meta"]["env_id"] = "Kitchen-Mixed-v0"
+    torch.save(state, tmp_path / "other.pt")
+    process = run("otpr.py", TINY + ["--pretrained-checkpoint", str(tmp_path / "other.pt")], tmp_path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and "made for another task" in output and "Kitchen-Mixed-v0" in output
+
+
+def test_resume_continues_an_interrupted_run(workdir):
+    cwd, _, _ = workdir
+    args = TINY + OTPR_TINY + ["--exp-name", "interrupted", "--total-timesteps", "400"]  # 5 iterations
+    process = run("otpr.py", args, cwd)
+    checkpoint_file = None
+    for _ in range(600):  # interrupt as soon as the first checkpoint is on disk
+        found = list((cwd / "runs").glob("Kitchen-Complete-v0__interrupted__3__*/checkpoint.pt"))
+        if found:
+            checkpoint_file = found[0]
+            break
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.2)
+    process.kill()
+    process.communicate()
+    interrupted = torch.load(checkpoint_file, weights_only=False)
+    assert 1 <= interrupted["iteration"] < 5
+
+    finish(run("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
+    summary = json.loads((checkpoint_file.parent / "summary.json").read_text())
+    assert summary["env_steps"] == 400 and summary["iterations"] == 5
+    assert summary["history"][0] == interrupted["history"][0]  # the pre-trained evaluation was kept, not redone
+    assert [entry["iteration"] for entry in summary["history"]] == [0, 2, 4, 5]
+    final = torch.load(checkpoint_file, weights_only=False)
+    assert final["replay"]["size"] == interrupted["replay"]["size"] + (5 - interrupted["iteration"]) * 2 * 10
+
+
+def test_resume_refuses_another_scripts_checkpoint(workdir):
+    cwd, _, _ = workdir
+    process = run("idql_baseline.py", ["--resume", str(run_dir(cwd, "otpr"))], cwd)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and "checkpoint of otpr.py" in output
