@@ -183,7 +183,7 @@ class ReplayBuffer:
 
     def add(self, batch: dict):
         n = len(batch["obs"])
-        idx = (self.pos + torch.arange(n)) % self.capacity
+        idx = (self.pos + torch.arange(n, device=self.data["obs"].device)) % self.capacity
         for key, value in batch.items():
             self.data[key][idx] = value.to(self.data[key])
         self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
@@ -524,9 +524,9 @@ if __name__ == "__main__":
     action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
     policy = DiffusionPolicy(obs_dim, action_dim, args).to(device)
     pretrained_path = load_or_pretrain(policy, chunks, obs_normalizer, action_normalizer, args, writer)
-    normalized_chunks = {key: obs_normalizer.normalize(chunks[key].to(device)) if "obs" in key else chunks[key].to(device)
-                         for key in chunks}
-    normalized_chunks["actions"] = action_normalizer.normalize(normalized_chunks["actions"])
+    normalized_chunks = {key: value.to(device) for key, value in chunks.items()}
+    for key, normalizer in (("obs", obs_normalizer), ("next_obs", obs_normalizer), ("actions", action_normalizer)):
+        normalized_chunks[key] = normalizer.normalize(normalized_chunks[key])
 
     # ALGO LOGIC: initialize agent here
     qf = TwinQ(obs_dim, action_dim, args.critic_hidden).to(device)

@@ -144,3 +144,34 @@ def test_resume_refuses_another_scripts_checkpoint(workdir):
     process = run("idql_baseline.py", ["--resume", str(run_dir(cwd, "otpr"))], cwd)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "checkpoint of otpr.py" in output
+
+
+def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
+    """Bring-your-own task: Pendulum-v1 with a small HDF5 file in D4RL's layout."""
+    import gymnasium as gym
+    import h5py
+    import numpy as np
+
+    env = gym.make("Pendulum-v1")
+    rows = {"observations": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []}
+    for episode in range(2):
+        obs, _ = env.reset(seed=episode)
+        for t in range(200):
+            action = env.action_space.sample()
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(rows, (obs, action, reward, terminated, truncated)):
+                rows[key].append(value)
+            obs = next_obs
+    with h5py.File(tmp_path / "pendulum.hdf5", "w") as f:
+        for key, values in rows.items():
+            f[key] = np.asarray(values)
+    args = TINY[2:] + OTPR_TINY + ["--env-id", "Pendulum-v1", "--dataset-path", str(tmp_path / "pendulum.hdf5")]
+    finish(run("otpr.py", args, tmp_path))
+    (path,) = (tmp_path / "runs").glob("Pendulum-v1__otpr__3__*")
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["env_steps"] == ENV_STEPS
+    # no reference scores for a custom task: the "normalized score" is the episode return, negative on Pendulum
+    assert summary["final"]["normalized_score"] == pytest.approx(summary["final"]["episodic_return"])
+    assert summary["final"]["episodic_return"] < 0
+    (checkpoint,) = (tmp_path / "pretrained").glob("Pendulum-v1__custom__seed3__*.pt")
+    assert torch.load(checkpoint, weights_only=False)["meta"]["obs_dim"] == 3
