@@ -58,7 +58,7 @@ class Args:
     actor_hidden: tuple[int, ...] = (512, 512, 512)
     """hidden widths of the residual denoising MLP (DPPO's DiffusionMLP)"""
     pretrain_steps: int = 20000
-    """behaviour-cloning gradient steps (0: load an existing pre-trained checkpoint only)"""
+    """behaviour-cloning gradient steps"""
     pretrain_batch_size: int = 256
     """minibatch size of behaviour-cloning pre-training"""
     pretrain_lr: float = 1e-4
@@ -584,9 +584,8 @@ def load_or_pretrain(policy, chunks, obs_normalizer, action_normalizer, args: Ar
                              "(saved, expected). Pass --pretrained-checkpoint for this task or delete the file.")
         print(f"loaded the pre-trained policy from {path}")
     else:
-        if args.pretrain_steps <= 0:
-            raise FileNotFoundError(f"no pre-trained checkpoint at {path} and --pretrain-steps is 0: "
-                                    "pre-train first (set --pretrain-steps > 0) or pass --pretrained-checkpoint")
+        if args.pretrained_checkpoint is not None:
+            raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
         device = next(policy.parameters()).device
         losses = pretrain(policy, obs_normalizer.normalize(chunks["obs"].to(device)),
                           action_normalizer.normalize(chunks["actions"].to(device)), args, writer)
