@@ -1,4 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
 import torch
+
+from utils.datasets import D4RL_KITCHEN_FILES
 
 # Two cores: one torch thread per process avoids oversubscription with env subprocesses and parallel test workers.
 torch.set_num_threads(1)
+
+# The D4RL files: $D4RL_DATASET_DIR (a relative path is taken from the repo root, as .ci/run sets it), else
+# ../shared/data/d4rl. Made absolute once, so that loaders in this process and scripts run as subprocesses agree.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_folder = Path(os.environ.get("D4RL_DATASET_DIR", REPO_ROOT.parent / "shared" / "data" / "d4rl"))
+os.environ["D4RL_DATASET_DIR"] = str(_folder if _folder.is_absolute() else (REPO_ROOT / _folder).resolve())
+
+
+@pytest.fixture(scope="session")
+def real_complete_file() -> Path:
+    """The real D4RL kitchen-complete-v0 file, or a skip that says where it was looked for."""
+    name = D4RL_KITCHEN_FILES["Kitchen-Complete-v0"][0]
+    path = Path(os.environ["D4RL_DATASET_DIR"]) / name
+    if not path.is_file():
+        pytest.skip(f"real D4RL file {path} is absent (set D4RL_DATASET_DIR to the folder holding {name})")
+    return path

@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("D4RL_DATASET_DIR", ROOT.parent / "shared" / "data" / "d4rl")).resolve()
+DATA_DIR = Path(os.environ["D4RL_DATASET_DIR"])  # made absolute by conftest.py
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
     "--num-envs", "2", "--num-steps", "10", "--total-timesteps", "240", "--eval-episodes", "1", "--eval-frequency", "2",
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"D4RL kitchen dat
 
 
 def run(script: str, args: list[str], cwd: Path, **kwargs):
-    env = {**os.environ, "D4RL_DATASET_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 

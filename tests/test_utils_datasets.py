@@ -1,5 +1,4 @@
 import hashlib
-import os
 import shutil
 import urllib.error
 from pathlib import Path
@@ -16,17 +15,6 @@ from utils.envs import KITCHEN_TASKS, build_env
 
 COMPLETE = "Kitchen-Complete-v0"
 COMPLETE_NAME, COMPLETE_SIZE, COMPLETE_SHA256 = D4RL_KITCHEN_FILES[COMPLETE]
-
-
-@pytest.fixture(scope="module")
-def real_complete_file() -> Path:
-    """The real D4RL kitchen-complete-v0 file: $D4RL_DATASET_DIR (relative to the repo root) or ../shared/data/d4rl."""
-    repo_root = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("D4RL_DATASET_DIR", repo_root.parent / "shared/data/d4rl"))
-    path = (folder if folder.is_absolute() else repo_root / folder) / COMPLETE_NAME
-    if not path.is_file():
-        pytest.skip(f"real D4RL file {path} is absent (set D4RL_DATASET_DIR to the folder holding {COMPLETE_NAME})")
-    return path
 
 
 def episode_sums(values: np.ndarray, data: dict) -> np.ndarray:

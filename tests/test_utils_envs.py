@@ -1,6 +1,3 @@
-import os
-from pathlib import Path
-
 import gymnasium as gym
 import h5py
 import numpy as np
@@ -19,17 +16,6 @@ from utils.envs import (
 )
 
 COMPLETE = "Kitchen-Complete-v0"
-COMPLETE_FILE = "mini_kitchen_microwave_kettle_light_slider-v0.hdf5"
-
-
-def real_complete_file() -> Path:
-    """The real D4RL kitchen-complete-v0 file: $D4RL_DATASET_DIR (relative to the repo root) or ../shared/data/d4rl."""
-    repo_root = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("D4RL_DATASET_DIR", repo_root.parent / "shared/data/d4rl"))
-    path = (folder if folder.is_absolute() else repo_root / folder) / COMPLETE_FILE
-    if not path.is_file():
-        pytest.skip(f"real D4RL file {path} is absent (set D4RL_DATASET_DIR to the folder holding {COMPLETE_FILE})")
-    return path
 
 
 def raw_kitchen(tasks):
@@ -101,8 +87,8 @@ def test_adapter_pays_each_subtask_once_and_terminates_when_all_done():
     assert info["subtasks_completed"] == 0 and info["success"] is False
 
 
-def test_replaying_first_dataset_episode_scores_its_subtasks():
-    with h5py.File(real_complete_file(), "r") as f:
+def test_replaying_first_dataset_episode_scores_its_subtasks(real_complete_file):
+    with h5py.File(real_complete_file, "r") as f:
         first_end = int(np.flatnonzero(f["terminals"][()])[0])
         actions = f["actions"][: first_end + 1]
     env = build_env(COMPLETE)
