@@ -48,7 +48,7 @@ def report(root: Path) -> str:
     """One row per run, then the score at each evaluation, from every runs/*/summary.json below `root`."""
     rows = ["| run | seed | pre-trained score | final score | best score | final success | env steps | wall (min) | SPS |"
             " env / sampling / critic / OT / actor / eval (s per iteration) |", "|" + "---|" * 10]
-    curves = []
+    curves, ot_rows = [], []
     for path in sorted(root.glob("*/summary.json")):
         s = json.loads(path.read_text())
         t = s["time_per_iteration_s"]
@@ -59,7 +59,29 @@ def report(root: Path) -> str:
                     f"{s['SPS']:.0f} | {split} |")
         points = ", ".join(f"{h['env_steps']}: {h['normalized_score']:.1f}" for h in s["history"])
         curves.append(f"- {s['exp_name']} seed {s['seed']} ({s['final']['episodes']} episodes per evaluation): {points}")
-    return "\n".join(rows + ["", "Normalized score at each evaluation (env steps: score):", *curves])
+        ot_stats = ot_summary(path.parent)
+        if ot_stats:
+            ot_rows.append(f"| {s['exp_name']} | {s['seed']} | " + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
+    lines = rows + ["", "Normalized score at each evaluation (env steps: score):", *curves]
+    if ot_rows:
+        lines += ["", "OT fit, mean over the run's fits (held-out columns: evaluation iterations only):",
+                  "| run | seed | " + " | ".join(OT_TAGS) + " |", "|" + "---|" * (len(OT_TAGS) + 2), *ot_rows]
+    return "\n".join(lines)
+
+
+OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_residual_a", "frac_zero_h",
+           "frac_states_all_zero_h", "keypoint_match_rate")
+
+
+def ot_summary(run_dir: Path) -> dict[str, float]:
+    """Means of the run's `ot/` TensorBoard scalars (empty for methods without OT)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    return {tag: sum(e.value for e in events.Scalars(f"ot/{tag}")) / len(events.Scalars(f"ot/{tag}"))
+            for tag in OT_TAGS if f"ot/{tag}" in tags}
 
 
 if __name__ == "__main__":
