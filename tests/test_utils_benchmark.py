@@ -15,5 +15,5 @@ def test_report_has_a_row_and_a_curve_per_run(tmp_path):
     (tmp_path / "run_a").mkdir()
     (tmp_path / "run_a" / "summary.json").write_text(json.dumps(summary))
     table = report(tmp_path)
-    assert "| otpr | 2 | 25.0 | 50.0 | 75.0 | 0.10 | 5600 | 10 | 9 | 1.00 / 2.00 / 3.00 / 4.00 / 5.00 / 6.00 |" in table
+    assert "| otpr | 2 | 25.0 | 50.0 | 75.0 | 0.10 | - | 5600 | 10 | 9 | 1.00 / 2.00 / 3.00 / 4.00 / 5.00 / 6.00 |" in table
     assert "- otpr seed 2 (10 episodes per evaluation): 0: 25.0, 5600: 50.0" in table

@@ -46,20 +46,23 @@ def run(scripts: list[str], seeds: list[int], extra: list[str]) -> None:
 
 def report(root: Path) -> str:
     """One row per run, then the score at each evaluation, from every runs/*/summary.json below `root`."""
-    rows = ["| run | seed | pre-trained score | final score | best score | final success | env steps | wall (min) | SPS |"
-            " env / sampling / critic / OT / actor / eval (s per iteration) |", "|" + "---|" * 10]
+    rows = ["| run | seed | pre-trained score | final score | best score | final success | exploration score, all / last 50"
+            " episodes | env steps | wall (min) | SPS | env / sampling / critic / OT / actor / eval (s per iteration) |",
+            "|" + "---|" * 11]
     curves, ot_rows = [], []
     for path in sorted(root.glob("*/summary.json")):
         s = json.loads(path.read_text())
         t = s["time_per_iteration_s"]
         split = " / ".join(f"{t[k]:.2f}" for k in ("env", "sampling", "critic", "ot", "actor", "eval"))
+        train = scalars(path.parent, "charts/train_normalized_score")
+        exploration = f"{sum(train) / len(train):.1f} / {sum(train[-50:]) / len(train[-50:]):.1f}" if train else "-"
         rows.append(f"| {s['exp_name']} | {s['seed']} | {s['pretrained']['normalized_score']:.1f} | "
                     f"{s['final']['normalized_score']:.1f} | {s['best']['normalized_score']:.1f} | "
-                    f"{s['final']['success_rate']:.2f} | {s['env_steps']} | {s['wall_time_s'] / 60:.0f} | "
-                    f"{s['SPS']:.0f} | {split} |")
+                    f"{s['final']['success_rate']:.2f} | {exploration} | {s['env_steps']} | "
+                    f"{s['wall_time_s'] / 60:.0f} | {s['SPS']:.0f} | {split} |")
         points = ", ".join(f"{h['env_steps']}: {h['normalized_score']:.1f}" for h in s["history"])
         curves.append(f"- {s['exp_name']} seed {s['seed']} ({s['final']['episodes']} episodes per evaluation): {points}")
-        ot_stats = ot_summary(path.parent)
+        ot_stats = {tag: sum(values) / len(values) for tag in OT_TAGS if (values := scalars(path.parent, f"ot/{tag}"))}
         if ot_stats:
             ot_rows.append(f"| {s['exp_name']} | {s['seed']} | " + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
     lines = rows + ["", "Normalized score at each evaluation (env steps: score):", *curves]
@@ -73,15 +76,13 @@ OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_r
            "frac_states_all_zero_h", "keypoint_match_rate")
 
 
-def ot_summary(run_dir: Path) -> dict[str, float]:
-    """Means of the run's `ot/` TensorBoard scalars (empty for methods without OT)."""
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    """A TensorBoard scalar series of a run (empty if the run did not log it)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
-    return {tag: sum(e.value for e in events.Scalars(f"ot/{tag}")) / len(events.Scalars(f"ot/{tag}"))
-            for tag in OT_TAGS if f"ot/{tag}" in tags}
+    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 if __name__ == "__main__":
