@@ -371,6 +371,11 @@ def select_candidates(obs, policy, qf_target, vf, args: Args):
 # ----------------------------------------------------------------------------------------------------------------
 # Behaviour-cloning pre-training, shared by every method through one checkpoint file
 # ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict):
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
 PRETRAIN_FIELDS = ("env_id", "dataset_source", "dataset_path", "chunk_size", "denoising_steps", "time_dim",
                    "actor_hidden", "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "ema_decay", "seed")
 
@@ -433,8 +438,7 @@ def load_or_pretrain(policy, chunks, obs_normalizer, action_normalizer, args: Ar
         checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
                       "action_normalizer": action_normalizer.state_dict()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        save_checkpoint(path, checkpoint)
         print(f"saved the pre-trained policy to {path}")
     policy.load_state_dict(checkpoint["policy"])
     obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
@@ -480,11 +484,6 @@ def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device
         episode_return[terminated | truncated] = 0
     return {"episodic_return": float(np.mean(returns)), "normalized_score": float(np.mean(scores)),
             "success_rate": float(np.mean(successes)), "episodes": len(returns)}
-
-
-def save_checkpoint(path: Path, state: dict):
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
 
 
 if __name__ == "__main__":
@@ -546,13 +545,13 @@ if __name__ == "__main__":
     num_iterations = max(1, args.total_timesteps // env_steps_per_iteration)
     updates_per_iteration = max(1, int(args.num_envs * args.num_steps * args.replay_ratio))
 
-    start_iteration, global_step, best, history, train_returns = 0, 0, None, [], []
+    start_iteration, global_step, best, history = 0, 0, None, []
     timings = {key: 0.0 for key in ("env", "sampling", "critic", "ot", "actor", "eval", "wall")}
     if resume_state is not None:
         for key, module in checkpointed.items():
             module.load_state_dict(resume_state[key])
         start_iteration, global_step, best = resume_state["iteration"], resume_state["global_step"], resume_state["best"]
-        history, timings, train_returns = resume_state["history"], resume_state["timings"], resume_state["train_returns"]
+        history, timings = resume_state["history"], resume_state["timings"]
         torch.set_rng_state(resume_state["torch_rng"])
         np.random.set_state(resume_state["numpy_rng"])
         print(f"resumed {run_name} at iteration {start_iteration} ({global_step} env steps)")
@@ -603,7 +602,6 @@ if __name__ == "__main__":
             })
             episode_return += reward
             for i in np.flatnonzero(done):
-                train_returns.append(float(episode_return[i]))
                 writer.add_scalar("charts/train_episodic_return", episode_return[i], global_step)
                 writer.add_scalar("charts/train_normalized_score", info["final_info"]["normalized_score"][i], global_step)
             episode_return[done] = 0
@@ -642,7 +640,7 @@ if __name__ == "__main__":
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,
-                "best": best, "history": history, "timings": timings, "train_returns": train_returns,
+                "best": best, "history": history, "timings": timings,
                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                 **{key: module.state_dict() for key, module in checkpointed.items()},
             })
