@@ -704,7 +704,8 @@ if __name__ == "__main__":
     ot_optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=args.ot_lr)
     keypoint_idx = torch.randperm(len(normalized_chunks["obs"]), generator=torch.Generator().manual_seed(args.seed))
     keypoint_idx = keypoint_idx[: args.num_keypoints].to(device)
-    transport_cost = TransportCost(normalized_chunks["obs"][keypoint_idx], normalized_chunks["actions"][keypoint_idx], args)
+    transport_cost = TransportCost(normalized_chunks["obs"][keypoint_idx], normalized_chunks["actions"][keypoint_idx],
+                                   args).to(device)
     checkpointed.update(u_net=u_net, v_net=v_net, ot_optimizer=ot_optimizer, transport_cost=transport_cost)
 
     envs = make_vector_env(args, args.seed, args.num_envs)
