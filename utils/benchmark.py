@@ -54,7 +54,8 @@ def report(root: Path) -> str:
         s = json.loads(path.read_text())
         t = s["time_per_iteration_s"]
         split = " / ".join(f"{t[k]:.2f}" for k in ("env", "sampling", "critic", "ot", "actor", "eval"))
-        train = scalars(path.parent, "charts/train_normalized_score")
+        logged = scalars(path.parent)
+        train = logged.get("charts/train_normalized_score", [])
         exploration = f"{sum(train) / len(train):.1f} / {sum(train[-50:]) / len(train[-50:]):.1f}" if train else "-"
         rows.append(f"| {s['exp_name']} | {s['seed']} | {s['pretrained']['normalized_score']:.1f} | "
                     f"{s['final']['normalized_score']:.1f} | {s['best']['normalized_score']:.1f} | "
@@ -62,7 +63,7 @@ def report(root: Path) -> str:
                     f"{s['wall_time_s'] / 60:.0f} | {s['SPS']:.0f} | {split} |")
         points = ", ".join(f"{h['env_steps']}: {h['normalized_score']:.1f}" for h in s["history"])
         curves.append(f"- {s['exp_name']} seed {s['seed']} ({s['final']['episodes']} episodes per evaluation): {points}")
-        ot_stats = {tag: sum(values) / len(values) for tag in OT_TAGS if (values := scalars(path.parent, f"ot/{tag}"))}
+        ot_stats = {tag: sum(values) / len(values) for tag in OT_TAGS if (values := logged.get(f"ot/{tag}"))}
         if ot_stats:
             ot_rows.append(f"| {s['exp_name']} | {s['seed']} | " + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
     lines = rows + ["", "Normalized score at each evaluation (env steps: score):", *curves]
@@ -76,13 +77,13 @@ OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_r
            "frac_states_all_zero_h", "keypoint_match_rate")
 
 
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    """A TensorBoard scalar series of a run (empty if the run did not log it)."""
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every TensorBoard scalar series of a run, read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 if __name__ == "__main__":
