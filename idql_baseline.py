@@ -7,8 +7,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -21,8 +23,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.datasets import load_dataset
-from utils.envs import make_env
+from utils.datasets import DatasetError, load_dataset
+from utils.envs import check_env_id, make_env
 
 
 @dataclass
@@ -57,24 +59,26 @@ class Args:
     """width of the diffusion-step embedding"""
     actor_hidden: tuple[int, ...] = (512, 512, 512)
     """hidden widths of the residual denoising MLP (DPPO's DiffusionMLP)"""
-    pretrain_steps: int = 20000
-    """behaviour-cloning gradient steps"""
-    pretrain_batch_size: int = 256
+    pretrain_steps: int = 80000
+    """behaviour-cloning gradient steps (DPPO's kitchen recipe; see docs/pretraining.md for the sweep)"""
+    pretrain_batch_size: int = 128
     """minibatch size of behaviour-cloning pre-training"""
-    pretrain_lr: float = 1e-4
+    pretrain_lr: float = 1e-3
     """peak learning rate of pre-training (cosine decay to a tenth of it)"""
     ema_decay: float = 0.995
     """decay of the exponential moving average of the pre-trained weights (the EMA weights are fine-tuned)"""
+    pretrain_checkpoint_frequency: int = 5000
+    """save the pre-training state every this many steps; an interrupted pre-training continues from it"""
     pretrained_dir: str = "runs/pretrained"
     """folder of the shared pre-trained checkpoints, one per env, dataset, seed and pre-training config"""
     pretrained_checkpoint: Optional[str] = None
     """load this pre-trained checkpoint instead of the one derived from the config"""
 
     # Online fine-tuning
-    total_timesteps: int = 200000
-    """environment steps of online fine-tuning"""
+    total_timesteps: int = 50000
+    """environment steps of online fine-tuning (0: evaluate the pre-trained policy only)"""
     num_envs: int = 2
-    """parallel environments (asynchronous when more than one)"""
+    """parallel environments (asynchronous when more than one), for exploration and for evaluation"""
     num_steps: int = 70
     """policy decisions per environment per iteration"""
     buffer_size: int = 1000000
@@ -102,19 +106,26 @@ class Args:
     critic_warmup_iterations: int = 2
     """iterations of critic-only training before the policy is improved"""
     num_candidates: int = 8
-    """policy samples S per state among which one is selected (training only; evaluation uses one)"""
-    min_sampling_std: float = 0.1
-    """floor on the DDPM noise std of every denoising step while exploring (DPPO)"""
+    """policy samples S per state among which one is selected (exploration, and the `select` evaluation protocol)"""
+    min_sampling_std: float = 0.01
+    """floor on the DDPM noise std of every denoising step while exploring (DPPO's 0.1 collapses fine-tuning here)"""
     noise_clip: float = 3.0
     """clip on the DDPM noise while exploring"""
 
     # Evaluation, logging, checkpoints
     eval_frequency: int = 10
     """evaluate every this many iterations (iteration 0 evaluates the pre-trained policy)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (deterministic DDIM sampler, one candidate, same initial states every time)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (same initial states and noise every time)"""
+    eval_protocols: tuple[Literal["single", "select"], ...] = ("select",)
+    """evaluation protocols, the first is the headline: one DDIM sample, or S DDIM samples and one drawn by the critic's weights (IDQL's policy)"""
     checkpoint_frequency: int = 5
     """save a resumable checkpoint every this many iterations"""
+
+
+# Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
+MAY_BE_ZERO = ("seed", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std")
+FRACTIONS = ("ema_decay", "gamma", "tau", "expectile")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +174,8 @@ def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
             rewards.append(dataset["rewards"][start + t : start + last].sum())
             next_obs.append(dataset["observations"][start + min(last, length - 1)])
             terminated.append(last == length)
+    if not obs:
+        raise ValueError(f"the dataset has no episode of at least --chunk-size {chunk_size} steps")
     as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
     return {"obs": as_tensor(obs), "actions": as_tensor(actions), "rewards": as_tensor(rewards),
             "next_obs": as_tensor(next_obs), "terminated": as_tensor(terminated)}
@@ -193,7 +206,9 @@ class ReplayBuffer:
         return {key: self.data[key][idx] for key in keys}
 
     def state_dict(self):
-        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size].cpu() for k, v in self.data.items()}}
+        # a copy of the filled rows only: saving a slice of the preallocated storage would save all of it
+        return {"pos": self.pos, "size": self.size,
+                "data": {k: v[: self.size].to("cpu", copy=True) for k, v in self.data.items()}}
 
     def load_state_dict(self, state):
         self.pos, self.size = state["pos"], state["size"]
@@ -352,20 +367,25 @@ def update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args: Arg
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def guidance_weights(obs, actions, qf_target, vf, args: Args):
-    """Non-negative weights of aligned (state, action-chunk) pairs: IDQL's expectile weights |tau - 1(Q - V < 0)|."""
-    q = qf_target.min(obs, actions)
-    return torch.where(q - vf(obs).squeeze(-1) > 0, args.expectile, 1 - args.expectile)
+    """IDQL's implicit-policy weights |tau - 1(Q - V(s) < 0)| of (state, action-chunk) pairs of any leading shape."""
+    advantage = qf_target.min(obs, actions) - vf(obs).squeeze(-1)
+    return torch.where(advantage > 0, args.expectile, 1 - args.expectile)
 
 
 @torch.no_grad()
-def select_candidates(obs, policy, qf_target, vf, args: Args):
-    """Draws S exploration samples per state and executes one with probability proportional to its weight."""
+def select_candidates(obs, policy, weigh, args: Args, deterministic: bool = False, generator=None):
+    """Draws S samples per state and keeps one per state, drawn with probability proportional to weigh(s, a).
+    Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
     n, num_candidates = len(obs), args.num_candidates
-    obs_rep = obs.repeat_interleave(num_candidates, 0)
-    candidates = policy.sample(obs_rep, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
-    weights = guidance_weights(obs_rep, candidates, qf_target, vf, args)
-    choice = torch.multinomial(weights.view(n, num_candidates), 1).squeeze(1)
-    return candidates.view(n, num_candidates, -1)[torch.arange(n), choice]
+    candidates = policy.sample(obs.repeat_interleave(num_candidates, 0), deterministic, args.min_sampling_std,
+                               args.noise_clip, generator).view(n, num_candidates, -1)
+    weights = weigh(obs[:, None].expand(-1, num_candidates, -1), candidates)
+    all_zero = weights.sum(1) == 0
+    weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
+    choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return candidates[torch.arange(n, device=obs.device), choice], all_zero
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,6 +394,19 @@ def select_candidates(obs, policy, qf_target, vf, args: Args):
 def save_checkpoint(path: Path, state: dict):
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 PRETRAIN_FIELDS = ("env_id", "dataset_source", "dataset_path", "chunk_size", "denoising_steps", "time_dim",
@@ -389,15 +422,40 @@ def pretrained_checkpoint_path(args: Args) -> Path:
     return Path(args.pretrained_dir) / f"{args.env_id}__{source}__seed{args.seed}__{digest}.pt"
 
 
-def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer) -> list[float]:
-    """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning)."""
+def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
+    """The saved pre-trained policy for this config, or None if it has yet to be trained; refuses another task's."""
+    if not path.exists():
+        if args.pretrained_checkpoint is not None:
+            raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    expected = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1]}
+    mismatched = {k: (checkpoint["meta"].get(k), v) for k, v in expected.items() if checkpoint["meta"].get(k) != v}
+    if mismatched:
+        raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} (saved, expected). "
+                         "Pass --pretrained-checkpoint for this task or delete the file.")
+    return checkpoint
+
+
+def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_path: Path) -> list[float]:
+    """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning).
+    Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
+    continues from there to the same weights as an uninterrupted one."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.pretrain_lr, weight_decay=1e-6)
     warmup = max(1, args.pretrain_steps // 100)
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = copy.deepcopy(policy).requires_grad_(False)
-    losses = []
-    for step in tqdm(range(args.pretrain_steps), desc="pre-training", mininterval=5):
+    resumable = {"policy": policy, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    start, losses = 0, []
+    if partial_path.exists():
+        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+        for key, module in resumable.items():
+            module.load_state_dict(state[key])
+        start, losses = state["step"], state["losses"]
+        set_rng_state(state["rng"])
+        print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
+    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
         idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
         loss = policy.loss(dataset_actions[idx], dataset_obs[idx])
         check_finite(loss, "pre-training loss", step)
@@ -411,44 +469,61 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer) -> list[f
         if step % 100 == 0:
             losses.append(loss.item())
             writer.add_scalar("losses/pretrain_dsm", loss.item(), step)
+        if (step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps:
+            save_checkpoint(partial_path, {"step": step + 1, "losses": losses, "rng": rng_state(),
+                                           **{key: module.state_dict() for key, module in resumable.items()}})
     policy.load_state_dict(ema.state_dict())
     return losses
 
 
-def load_or_pretrain(policy, chunks, obs_normalizer, action_normalizer, args: Args, writer) -> Path:
-    """Loads the shared pre-trained policy for this config, training and saving it first if it does not exist."""
-    path = pretrained_checkpoint_path(args)
-    if path.exists():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        meta = checkpoint["meta"]
-        expected = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1]}
-        mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-        if mismatched:
-            raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} "
-                             "(saved, expected). Pass --pretrained-checkpoint for this task or delete the file.")
-        print(f"loaded the pre-trained policy from {path}")
-    else:
-        if args.pretrained_checkpoint is not None:
-            raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
-        device = next(policy.parameters()).device
+def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: Path, args: Args, writer) -> dict:
+    """Pre-trains on a forked RNG, so that a run that pre-trains and a later run that loads the file continue with
+    the same random numbers, and saves the policy with its normalisers."""
+    device = next(policy.parameters()).device
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(".partial.pt")
+    with torch.random.fork_rng():
         losses = pretrain(policy, obs_normalizer.normalize(chunks["obs"].to(device)),
-                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer)
-        meta = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1],
-                "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses}
-        checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
-                      "action_normalizer": action_normalizer.state_dict()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, checkpoint)
-        print(f"saved the pre-trained policy to {path}")
-    policy.load_state_dict(checkpoint["policy"])
-    obs_normalizer.load_state_dict(checkpoint["obs_normalizer"])
-    action_normalizer.load_state_dict(checkpoint["action_normalizer"])
-    return path
+                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path)
+    meta = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1],
+            "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses}
+    checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
+                  "action_normalizer": action_normalizer.state_dict()}
+    save_checkpoint(path, checkpoint)
+    partial_path.unlink(missing_ok=True)
+    print(f"saved the pre-trained policy to {path}")
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and helpers
 # ----------------------------------------------------------------------------------------------------------------
+def check_args(args: Args):
+    """Raises ValueError naming the first flag whose value cannot work."""
+    for field in dataclasses.fields(args):
+        value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
+        values = value if isinstance(value, tuple) else (value,)
+        if not values:
+            raise ValueError(f"{flag} needs at least one value")
+        if isinstance(value, bool) or not all(isinstance(x, (int, float)) for x in values):
+            continue
+        if field.name in FRACTIONS and not all(0 <= x <= 1 for x in values):
+            raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
+            raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+
+
+def read_resume_state(resume: str, script: str) -> dict:
+    path = Path(resume) / "checkpoint.pt" if Path(resume).is_dir() else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (give a run folder under runs/ that "
+                                "holds a checkpoint.pt, or the file itself)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("script") != script:
+        raise ValueError(f"{path} is a checkpoint of {state.get('script')}: resume it with that script")
+    return state
+
+
 def check_finite(value, name: str, step: int):
     if not torch.isfinite(value):
         raise FloatingPointError(f"{name} is {value.item()} at step {step}: lower the learning rates, check the "
@@ -462,25 +537,28 @@ def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = 
 
 
 @torch.no_grad()
-def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device) -> dict:
-    """Runs `eval_episodes` episodes with the deterministic sampler, always from the same initial states and noise."""
+def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
+    """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one DDIM
+    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights. Each env runs a
+    quota of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
     obs, _ = envs.reset(seed=args.seed + 100_000)
     episode_return = np.zeros(envs.num_envs)
-    started = np.ones(envs.num_envs, dtype=bool)  # envs whose current episode counts toward the evaluation
     returns, scores, successes = [], [], []
-    while len(returns) < args.eval_episodes:
+    while quota.any():
         obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        actions = policy.sample(obs_n, deterministic=True, generator=generator)
+        if protocol == "single":
+            actions = policy.sample(obs_n, deterministic=True, generator=generator)
+        else:
+            actions, _ = select_candidates(obs_n, policy, weigh, args, deterministic=True, generator=generator)
         obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
         episode_return += reward
-        for i in np.flatnonzero((terminated | truncated) & started):
-            if len(returns) < args.eval_episodes:
-                returns.append(episode_return[i])
-                scores.append(info["final_info"]["normalized_score"][i])
-                successes.append(info["final_info"]["success"][i])
-            # an env starts another episode only if the evaluation still needs more than the others will finish
-            started[i] = len(returns) + started.sum() - 1 < args.eval_episodes
+        for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
+            returns.append(episode_return[i])
+            scores.append(info["final_info"]["normalized_score"][i])
+            successes.append(info["final_info"]["success"][i])
+            quota[i] -= 1
         episode_return[terminated | truncated] = 0
     return {"episodic_return": float(np.mean(returns)), "normalized_score": float(np.mean(scores)),
             "success_rate": float(np.mean(successes)), "episodes": len(returns)}
@@ -488,21 +566,24 @@ def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    resume_state = None
-    if args.resume is not None:
-        resume_path = Path(args.resume)
-        resume_path = resume_path / "checkpoint.pt" if resume_path.is_dir() else resume_path
-        if not resume_path.exists():
-            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint at {resume_path}")
-        resume_state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if resume_state["script"] != os.path.basename(__file__):
-            raise ValueError(f"{resume_path} is a checkpoint of {resume_state['script']}: resume it with that script")
-        args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
-        run_name = resume_state["run_name"]
-    else:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    try:  # bad input ends here, before a run folder exists, with one message and exit code 2
+        resume_state = None
+        if args.resume is not None:
+            resume_state = read_resume_state(args.resume, os.path.basename(__file__))
+            args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
+        check_args(args)
+        check_env_id(args.env_id, args.dataset_path is not None)
+        dataset = load_dataset(args.env_id, args.dataset_source, args.dataset_path)
+        chunks = make_chunk_transitions(dataset, args.chunk_size)
+        pretrained_path = pretrained_checkpoint_path(args)
+        pretrained = read_pretrained(pretrained_path, chunks, args)
+    except (ValueError, FileNotFoundError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run_name = resume_state["run_name"] if resume_state else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path("runs") / run_name
-    writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] if resume_state else None)
+    # On resume, drop only what the interrupted process logged after its checkpoint's step.
+    writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # TRY NOT TO MODIFY: seeding
@@ -514,14 +595,18 @@ if __name__ == "__main__":
         print("--cuda: no GPU available, running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Data, normalisation and the shared pre-trained policy
-    dataset = load_dataset(args.env_id, args.dataset_source, args.dataset_path)
-    chunks = make_chunk_transitions(dataset, args.chunk_size)
+    # Normalisation and the shared pre-trained policy
     obs_dim, action_dim = chunks["obs"].shape[1], chunks["actions"].shape[1]
     obs_normalizer = Normalizer(dataset["observations"].min(0), dataset["observations"].max(0)).to(device)
     action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
     policy = DiffusionPolicy(obs_dim, action_dim, args).to(device)
-    pretrained_path = load_or_pretrain(policy, chunks, obs_normalizer, action_normalizer, args, writer)
+    if pretrained is None:
+        pretrained = pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, pretrained_path, args, writer)
+    else:
+        print(f"loaded the pre-trained policy from {pretrained_path}")
+    policy.load_state_dict(pretrained["policy"])
+    obs_normalizer.load_state_dict(pretrained["obs_normalizer"])
+    action_normalizer.load_state_dict(pretrained["action_normalizer"])
     normalized_chunks = {key: value.to(device) for key, value in chunks.items()}
     for key, normalizer in (("obs", obs_normalizer), ("next_obs", obs_normalizer), ("actions", action_normalizer)):
         normalized_chunks[key] = normalizer.normalize(normalized_chunks[key])
@@ -538,11 +623,12 @@ if __name__ == "__main__":
         replay.add(normalized_chunks)
     checkpointed = {"policy": policy, "qf": qf, "qf_target": qf_target, "vf": vf, "q_optimizer": q_optimizer,
                     "v_optimizer": v_optimizer, "actor_optimizer": actor_optimizer, "replay": replay}
+    weigh = partial(guidance_weights, qf_target=qf_target, vf=vf, args=args)
 
     envs = make_vector_env(args, args.seed, args.num_envs)
     eval_envs = make_vector_env(args, args.seed + 100_000, args.num_envs, args.capture_video, run_name)
     env_steps_per_iteration = args.num_envs * args.num_steps * args.chunk_size
-    num_iterations = max(1, args.total_timesteps // env_steps_per_iteration)
+    num_iterations = math.ceil(args.total_timesteps / env_steps_per_iteration)
     updates_per_iteration = max(1, int(args.num_envs * args.num_steps * args.replay_ratio))
 
     start_iteration, global_step, best, history = 0, 0, None, []
@@ -552,8 +638,7 @@ if __name__ == "__main__":
             module.load_state_dict(resume_state[key])
         start_iteration, global_step, best = resume_state["iteration"], resume_state["global_step"], resume_state["best"]
         history, timings = resume_state["history"], resume_state["timings"]
-        torch.set_rng_state(resume_state["torch_rng"])
-        np.random.set_state(resume_state["numpy_rng"])
+        set_rng_state(resume_state["rng"])
         print(f"resumed {run_name} at iteration {start_iteration} ({global_step} env steps)")
 
     # TRY NOT TO MODIFY: start the game
@@ -564,12 +649,18 @@ if __name__ == "__main__":
     for iteration in progress:
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
             tic = time.perf_counter()
-            scores = evaluate(eval_envs, policy, obs_normalizer, action_normalizer, args, device)
+            results = {protocol: evaluate(eval_envs, policy, weigh, obs_normalizer, action_normalizer, args, device,
+                                          protocol) for protocol in args.eval_protocols}
             timings["eval"] += time.perf_counter() - tic
-            history.append({"iteration": iteration, "env_steps": global_step, **scores})
+            scores = results[args.eval_protocols[0]]
+            history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
             best = scores if best is None or scores["normalized_score"] > best["normalized_score"] else best
+            for protocol, result in results.items():
+                for key in ("success_rate", "normalized_score", "episodic_return"):
+                    writer.add_scalar(f"eval_{protocol}/{key}", result[key], global_step)
             for key in ("success_rate", "normalized_score", "episodic_return"):
                 writer.add_scalar(f"charts/{key}", scores[key], global_step)
+            writer.flush()
             progress.set_postfix(score=scores["normalized_score"], success=scores["success_rate"])
         if iteration == num_iterations:
             break
@@ -578,7 +669,7 @@ if __name__ == "__main__":
         for step in range(args.num_steps):
             tic = time.perf_counter()
             obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            actions = select_candidates(obs_n, policy, qf_target, vf, args)
+            actions, _ = select_candidates(obs_n, policy, weigh, args)
             env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
             timings["sampling"] += time.perf_counter() - tic
 
@@ -620,12 +711,12 @@ if __name__ == "__main__":
             for update in range(updates_per_iteration):
                 # IDQL-Imp: plain behaviour cloning on the replay buffer, which holds the critic-selected actions
                 batch = replay.sample(args.actor_batch_size, ("obs", "actions"))
-                actor_loss = policy.loss(batch["actions"], batch["obs"])
+                loss = policy.loss(batch["actions"], batch["obs"])
                 actor_optimizer.zero_grad()
-                actor_loss.backward()
+                loss.backward()
                 actor_optimizer.step()
-            check_finite(actor_loss, "actor loss", global_step)
-            writer.add_scalar("losses/actor", actor_loss.item(), global_step)
+            check_finite(loss, "actor loss", global_step)
+            writer.add_scalar("losses/actor", loss.item(), global_step)
             timings["actor"] += time.perf_counter() - tic
 
         timings["wall"] = time.time() - start_time
@@ -640,18 +731,19 @@ if __name__ == "__main__":
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,
-                "best": best, "history": history, "timings": timings,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "best": best, "history": history, "timings": timings, "rng": rng_state(),
                 **{key: module.state_dict() for key, module in checkpointed.items()},
             })
+            writer.flush()
 
     timings["wall"] = time.time() - start_time
+    iterations_run = max(1, num_iterations)
     summary = {
         "env_id": args.env_id, "exp_name": args.exp_name, "seed": args.seed, "pretrained_checkpoint": str(pretrained_path),
         "pretrained": history[0], "final": history[-1], "best": best, "history": history,
         "env_steps": global_step, "iterations": num_iterations, "wall_time_s": timings["wall"],
         "SPS": global_step / timings["wall"],
-        "time_per_iteration_s": {key: timings[key] / num_iterations for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
+        "time_per_iteration_s": {key: timings[key] / iterations_run for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save({"args": vars(args), "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
