@@ -546,7 +546,7 @@ def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args,
     obs, _ = envs.reset(seed=args.seed + 100_000)
     episode_return = np.zeros(envs.num_envs)
     returns, scores, successes = [], [], []
-    while quota.any():
+    while len(returns) < args.eval_episodes:
         obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
         if protocol == "single":
             actions = policy.sample(obs_n, deterministic=True, generator=generator)

@@ -3,6 +3,8 @@
 With uniform weights mu_i = 1/n, nu_j = 1/m, our problem min E_pi[c] + eps E_{mu x nu}[(d pi / d(mu x nu))^2] is POT's
 min <pi, C> + (reg / 2) ||pi||^2 with reg = 2 eps n m, and the two duals coincide: u = alpha, v = beta.
 """
+import copy
+
 import numpy as np
 import ot
 import pytest
@@ -98,21 +100,58 @@ def test_masked_ot_matches_keypoints_and_equals_pot_with_forbidden_pairs():
     assert 0.5 * np.abs(plan.numpy() - reference).sum() < PLAN_TV_TOLERANCE
 
 
-def test_transport_cost_modes():
+def test_transport_cost_modes_and_separate_standardisation():
     torch.manual_seed(0)
     qf = otpr.TwinQ(5, 3, (16,))
     s, a = torch.randn(7, 5), torch.randn(7, 3)
     keys = (torch.randn(4, 5), torch.randn(4, 3))
     unsupervised = otpr.TransportCost(*keys, otpr.Args(ot_mode="unsupervised"))
-    torch.testing.assert_close(unsupervised(qf, s, a), -qf.min(s, a))  # c = -Q (Eq. 8)
+    torch.testing.assert_close(unsupervised(qf, s, a), -qf.min(s, a))  # c = -Q (Eq. 8) before any rescaling
     guidance_only = otpr.TransportCost(*keys, otpr.Args(ot_mode="masked", ot_alpha=1.0))
     g = guidance_only(qf, s, a, all_pairs=True)
     assert g.shape == (7, 7) and (g >= 0).all() and (g <= np.log(2) + 1e-6).all()  # JS is in [0, ln 2]
     torch.testing.assert_close(g.diagonal(), guidance_only(qf, s, a))  # all pairs and aligned pairs agree
     mixed = otpr.TransportCost(*keys, otpr.Args(ot_mode="masked", ot_alpha=0.25))
     torch.testing.assert_close(mixed(qf, s, a), 0.75 * -qf.min(s, a) + 0.25 * guidance_only(qf, s, a))
-    mixed.scale.fill_(2.0)  # the normalisation divides every cost alike
-    torch.testing.assert_close(mixed(qf, s, a), (0.75 * -qf.min(s, a) + 0.25 * guidance_only(qf, s, a)) / 2)
+    # A fit's problem sets the spread of -Q and of G separately: both terms enter with unit spread, whatever the
+    # magnitude of Q, so alpha keeps its meaning as Q grows.
+    for q_magnitude in (1.0, 1000.0):
+        scaled_qf = copy.deepcopy(qf)
+        for q in (scaled_qf.q1, scaled_qf.q2):
+            q[-1].weight.data *= q_magnitude
+            q[-1].bias.data *= q_magnitude
+        cost = mixed(scaled_qf, s, a, all_pairs=True, rescale=True)
+        negative_q = -scaled_qf.min(s[:, None].expand(-1, 7, -1), a[None].expand(7, -1, -1))
+        expected = 0.75 * negative_q / negative_q.std() + 0.25 * g / g.std()
+        torch.testing.assert_close(cost, expected)
+        torch.testing.assert_close(mixed(scaled_qf, s, a), expected.diagonal())  # later costs use the same spreads
+
+
+def test_masked_problem_separates_into_the_replay_block_and_closed_form_keypoints():
+    """Eq. 14 with K keypoints and N replay samples = the replay-only problem at epsilon (K + N) / N carrying mass
+    N / (K + N), plus mass 1 / (K + N) on each keypoint's own action (what otpr.py fits and adds)."""
+    num_keys, n, epsilon = 3, 9, 0.05
+    size = num_keys + n
+    cost = torch.rand(size, size, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(size, size)
+    mask[num_keys:, num_keys:] = 1
+    mask[range(num_keys), range(num_keys)] = 1
+    full, _, _ = pot_solution(cost + 100.0 * (1 - mask), epsilon)  # masked pairs priced out
+
+    args = otpr.Args(num_keypoints=num_keys, ot_batch_size=n, ot_epsilon=epsilon)
+    assert otpr.keypoint_mass(args) == pytest.approx(num_keys / size)
+    replay_epsilon = otpr.TransportCost(torch.zeros(1, 2), torch.zeros(1, 2), args).epsilon
+    assert replay_epsilon == pytest.approx(epsilon * size / n)
+    replay_block, _, _ = pot_solution(cost[num_keys:, num_keys:], replay_epsilon)
+    separated = np.zeros((size, size))
+    separated[num_keys:, num_keys:] = (1 - otpr.keypoint_mass(args)) * replay_block
+    separated[range(num_keys), range(num_keys)] = otpr.keypoint_mass(args) / num_keys
+    np.testing.assert_allclose(separated, full, atol=1e-6)
+
+    # and the neural fit of the replay block alone reproduces POT's replay block
+    h, _ = fit_tabular_potentials(cost[num_keys:, num_keys:], replay_epsilon)
+    assert 0.5 * np.abs(h.numpy() / n**2 - replay_block).sum() < PLAN_TV_TOLERANCE
+    assert otpr.keypoint_mass(otpr.Args(ot_mode="unsupervised")) == 0.0
 
 
 def test_relation_vectors_and_js():

@@ -1,0 +1,252 @@
+"""The parts shared by otpr.py and idql_baseline.py, and OTPR's actor objectives, each against a known answer.
+
+Each test is built to fail under a one-line mistake: a flipped expectile, a dropped terminal mask, ignored actor
+weights, a broken chunking of the demonstrations, a uniform choice among candidates, or biased episode counting.
+"""
+import copy
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import idql_baseline
+import otpr
+
+BOTH = pytest.mark.parametrize("module", [otpr, idql_baseline], ids=["otpr", "idql"])
+
+
+def linear_twin_q(module, obs_dim, action_dim, weight):
+    """Twin Q that both compute weight . [obs, action] exactly (no hidden layer)."""
+    qf = module.TwinQ(obs_dim, action_dim, ())
+    for q in (qf.q1, qf.q2):
+        q[0].weight.data.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
+        q[0].bias.data.zero_()
+    return qf
+
+
+@BOTH
+def test_value_is_the_upper_expectile_of_q(module):
+    """V(s) trained by update_critics on Q(s, a) = a, a ~ U[-1, 1], converges to the 0.9-expectile, which is 0.5:
+    0.9 (1 - v)^2 = 0.1 (1 + v)^2. A flipped expectile gives -0.5."""
+    torch.manual_seed(0)
+    args = module.Args(expectile=0.9, tau=0.0, gamma=0.99)
+    qf_target = linear_twin_q(module, 1, 1, [0.0, 1.0]).requires_grad_(False)
+    qf = copy.deepcopy(qf_target).requires_grad_(True)
+    vf = module.mlp(1, (), 1)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=1e-3)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=2e-2)
+    for _ in range(600):
+        batch = {"obs": torch.zeros(512, 1), "actions": torch.rand(512, 1) * 2 - 1, "rewards": torch.zeros(512),
+                 "next_obs": torch.zeros(512, 1), "terminated": torch.zeros(512)}
+        module.update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args)
+    assert vf(torch.zeros(1, 1)).item() == pytest.approx(0.5, abs=0.05)
+
+
+@BOTH
+def test_td_target_stops_at_terminal_states(module):
+    """With V = 10 everywhere, Q converges to r on terminal transitions and to r + gamma * 10 on the others."""
+    torch.manual_seed(0)
+    args = module.Args(gamma=0.9, tau=0.0)
+    qf = module.TwinQ(1, 1, (32,))
+    qf_target = copy.deepcopy(qf).requires_grad_(False)  # only feeds V, which does not learn here
+    vf = module.mlp(1, (), 1)
+    vf[0].weight.data.zero_()
+    vf[0].bias.data.fill_(10.0)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=1e-2)
+    v_optimizer = torch.optim.SGD(vf.parameters(), lr=0.0)  # V stays at 10
+    batch = {"obs": torch.tensor([[-1.0], [1.0]]), "actions": torch.zeros(2, 1), "rewards": torch.tensor([1.0, 1.0]),
+             "next_obs": torch.zeros(2, 1), "terminated": torch.tensor([1.0, 0.0])}
+    for _ in range(1500):
+        module.update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args)
+    q1, q2 = qf(batch["obs"], batch["actions"])
+    torch.testing.assert_close(q1, torch.tensor([1.0, 10.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(q2, torch.tensor([1.0, 10.0]), atol=0.05, rtol=0)
+
+
+@BOTH
+def test_demonstrations_are_cut_into_chunks_that_respect_episode_ends(module):
+    """Episode 1: 5 steps ending in a terminal; episode 2: 4 steps ending in a timeout; chunks of 2."""
+    t = np.arange(9, dtype=np.float32)
+    dataset = {"observations": t[:, None], "actions": 10 + t[:, None], "rewards": 100 + t,
+               "terminals": np.isin(np.arange(9), [4]), "timeouts": np.isin(np.arange(9), [8])}
+    chunks = module.make_chunk_transitions(dataset, chunk_size=2)
+    # starts 0-3 of episode 1 (the last one reaches the terminal, so it needs no next state) and 5-6 of episode 2
+    # (start 7 would run into the timeout with no state after it)
+    torch.testing.assert_close(chunks["obs"][:, 0], torch.tensor([0.0, 1, 2, 3, 5, 6]))
+    torch.testing.assert_close(chunks["actions"], torch.tensor([[10.0, 11], [11, 12], [12, 13], [13, 14], [15, 16], [16, 17]]))
+    torch.testing.assert_close(chunks["rewards"], torch.tensor([201.0, 203, 205, 207, 211, 213]))
+    torch.testing.assert_close(chunks["next_obs"][:, 0], torch.tensor([2.0, 3, 4, 4, 7, 8]))
+    torch.testing.assert_close(chunks["terminated"], torch.tensor([0.0, 0, 0, 1, 0, 0]))
+
+
+class FixedCandidates:
+    """A policy whose S samples for every state are the chunks -0.9, -0.3, 0.3 and 0.9."""
+
+    values = torch.tensor([-0.9, -0.3, 0.3, 0.9])
+
+    def sample(self, obs, deterministic=False, min_std=0.0, noise_clip=3.0, generator=None):
+        return self.values.repeat(len(obs) // len(self.values))[:, None]
+
+
+@BOTH
+def test_candidates_are_drawn_in_proportion_to_their_weights(module):
+    args = module.Args(num_candidates=4)
+    obs = torch.zeros(4000, 1)
+    obs[:1000] = 1.0  # states with a zero weight for every candidate
+    weigh = lambda o, a: torch.where(o[..., 0] > 0, 0.0, torch.tensor([0.0, 0.0, 1.0, 3.0]).expand(len(o), 4))
+    chosen, all_zero = module.select_candidates(obs, FixedCandidates(), weigh, args,
+                                                generator=torch.Generator().manual_seed(0))
+    assert chosen.shape == (4000, 1)
+    assert all_zero[:1000].all() and not all_zero[1000:].any()
+    weighted = chosen[1000:, 0]
+    assert (weighted > 0).all() and (weighted > 0.5).float().mean() == pytest.approx(0.75, abs=0.03)
+    uniform = chosen[:1000, 0]  # no mass anywhere: the policy's own distribution
+    assert (uniform < 0).float().mean() == pytest.approx(0.5, abs=0.06)
+
+
+class EpisodesOfKnownLength:
+    """A vector env whose env i plays episodes of lengths[i] steps that succeed iff successes[i]."""
+
+    def __init__(self, lengths, successes):
+        self.num_envs, self.lengths, self.successes = len(lengths), np.array(lengths), np.array(successes)
+        self.t = np.zeros(self.num_envs, dtype=int)
+
+    def reset(self, seed=None):
+        self.t[:] = 0
+        return np.zeros((self.num_envs, 1), dtype=np.float32), {}
+
+    def step(self, actions):
+        self.t += 1
+        done = self.t == self.lengths
+        self.t[done] = 0
+        info = {"final_info": {"normalized_score": 100.0 * self.successes, "success": self.successes.copy()}}
+        reward = done * self.successes.astype(float)
+        return np.zeros((self.num_envs, 1), np.float32), reward, done, np.zeros_like(done), info
+
+
+class ZeroPolicy:
+    def sample(self, obs, deterministic=False, min_std=0.0, noise_clip=3.0, generator=None):
+        return torch.zeros(len(obs), 1)
+
+
+@BOTH
+@pytest.mark.parametrize("lengths, successes, episodes, expected", [
+    ([1, 5], [True, False], 4, 0.5),  # the quick successes may not fill the evaluation
+    ([1, 5, 3], [True, False, True], 2, 0.5),  # more envs than episodes: env 3 does not count
+    ([2, 2, 7], [False, True, True], 7, 4 / 7),  # quotas 3 + 2 + 2, the first env failing
+])
+def test_evaluation_counts_a_fixed_quota_of_episodes_per_env(module, lengths, successes, episodes, expected):
+    identity = module.Normalizer(np.array([-1.0]), np.array([1.0]))
+    args = module.Args(eval_episodes=episodes)
+    result = module.evaluate(EpisodesOfKnownLength(lengths, successes), ZeroPolicy(), None, identity, identity, args,
+                             torch.device("cpu"), "single")
+    assert result["episodes"] == episodes
+    assert result["success_rate"] == pytest.approx(expected)
+    assert result["normalized_score"] == pytest.approx(100 * expected)
+
+
+def bimodal_replay(module, n=512):
+    """One state, half of its actions at +0.8 and half at -0.8."""
+    replay = module.ReplayBuffer(n, 1, 1, "cpu")
+    actions = torch.where(torch.arange(n) % 2 == 0, 0.8, -0.8)[:, None]
+    replay.add({"obs": torch.zeros(n, 1), "actions": actions, "rewards": torch.zeros(n), "next_obs": torch.zeros(n, 1),
+                "terminated": torch.zeros(n)})
+    return replay
+
+
+@pytest.fixture(scope="module")
+def bimodal_policy():
+    """A small diffusion policy behaviour-cloned on the bimodal replay buffer."""
+    torch.manual_seed(0)
+    args = otpr.Args(actor_hidden=(64, 64, 64), denoising_steps=10, actor_batch_size=256, actor_objective="buffer")
+    policy = otpr.DiffusionPolicy(1, 1, args)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    replay = bimodal_replay(otpr)
+    for _ in range(600):
+        loss = otpr.actor_loss(policy, replay, None, None, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return policy, args
+
+
+def fraction_positive(policy, n=400):
+    return (policy.sample(torch.zeros(n, 1), deterministic=True) > 0).float().mean().item()
+
+
+def test_the_pretrained_bimodal_policy_keeps_both_modes(bimodal_policy):
+    policy, _ = bimodal_policy
+    assert 0.3 < fraction_positive(policy) < 0.7
+
+
+@pytest.mark.parametrize("objective", ["aligned", "plan", "resampled"])
+def test_every_guided_objective_moves_the_policy_towards_the_weighted_actions(bimodal_policy, objective):
+    """Weights 1 on a > 0 and 0 on a < 0: the guided objectives make the policy unimodal at +0.8; the unweighted
+    `buffer` objective keeps both modes (above)."""
+    policy, args = bimodal_policy
+    policy = copy.deepcopy(policy)
+    args = dataclasses.replace(args, actor_objective=objective, actor_batch_size=64, num_candidates=4,
+                               guidance="advantage", min_sampling_std=0.05)
+    weigh = lambda obs, actions: (actions[..., 0] > 0).float()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    replay = bimodal_replay(otpr)
+    torch.manual_seed(1)
+    for _ in range(150):
+        loss = otpr.actor_loss(policy, replay, weigh, None, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fraction_positive(policy) > 0.9
+
+
+def test_masked_mode_adds_the_keypoint_block_with_its_plan_mass(bimodal_policy):
+    policy, _ = bimodal_policy
+    args = otpr.Args(actor_objective="aligned", num_keypoints=4, ot_batch_size=12, actor_batch_size=32)
+    keypoints = SimpleNamespace(keypoint_obs=torch.randn(4, 1), keypoint_actions=torch.rand(4, 1) * 2 - 1)
+    replay = bimodal_replay(otpr)
+    weigh = lambda obs, actions: 1 + (actions[..., 0] > 0).float()
+    torch.manual_seed(0)
+    masked = otpr.actor_loss(policy, replay, weigh, keypoints, args)
+    torch.manual_seed(0)
+    replay_part = otpr.actor_loss(policy, replay, weigh, keypoints, dataclasses.replace(args, ot_mode="unsupervised"))
+    keypoint_part = policy.loss(keypoints.keypoint_actions, keypoints.keypoint_obs)
+    assert otpr.keypoint_mass(args) == 0.25
+    torch.testing.assert_close(masked, 0.75 * replay_part + 0.25 * keypoint_part)
+    # the released code's objective has no plan, hence no keypoint block
+    torch.manual_seed(0)
+    buffer_masked = otpr.actor_loss(policy, replay, weigh, keypoints, dataclasses.replace(args, actor_objective="buffer"))
+    torch.manual_seed(0)
+    batch = replay.sample(32, ("obs", "actions"))
+    torch.testing.assert_close(buffer_masked, policy.loss(batch["actions"], batch["obs"]))
+
+
+def test_weighted_score_matching_is_linear_in_the_weights(bimodal_policy):
+    policy, _ = bimodal_policy
+    obs, actions = torch.randn(6, 1), torch.rand(6, 1)
+    weights = torch.tensor([3.0, 0.0, 1.0, 0.5, 0.0, 2.0])
+
+    def loss(w):
+        torch.manual_seed(0)
+        return policy.loss(actions, obs, w)
+
+    per_pair = torch.stack([loss(torch.eye(6)[i]) for i in range(6)])
+    torch.testing.assert_close(loss(weights), (weights * per_pair).sum())
+    torch.testing.assert_close(loss(None), per_pair.sum())
+
+
+def test_q_guidance_is_normalised_per_state():
+    """exp(beta (Q - V(s))): a state's weights do not depend on the other states in the batch."""
+    torch.manual_seed(0)
+    qf = linear_twin_q(otpr, 1, 1, [5.0, 1.0])  # Q = 5 s + a: states differ by far more than actions
+    vf = otpr.mlp(1, (), 1)
+    vf[0].weight.data.fill_(5.0)
+    vf[0].bias.data.zero_()  # V(s) = 5 s
+    args = otpr.Args(guidance="q", guidance_beta=2.0)
+    cost = SimpleNamespace(fitted=False)
+    obs, actions = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.5], [0.5]])
+    w = otpr.guidance_weights(obs, actions, qf, vf, None, None, cost, args)
+    torch.testing.assert_close(w, torch.exp(torch.tensor([1.0, 1.0])))  # equal advantages, equal weights
+    alone = otpr.guidance_weights(obs[:1], actions[:1], qf, vf, None, None, cost, args)
+    torch.testing.assert_close(alone, w[:1])
