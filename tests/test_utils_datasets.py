@@ -1,5 +1,6 @@
 import hashlib
 import shutil
+import subprocess
 import urllib.error
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from utils.envs import KITCHEN_TASKS, build_env
 
 COMPLETE = "Kitchen-Complete-v0"
 COMPLETE_NAME, COMPLETE_SIZE, COMPLETE_SHA256 = D4RL_KITCHEN_FILES[COMPLETE]
+
+
+@pytest.fixture
+def no_embedded_copy(monkeypatch, tmp_path):
+    """As if the repository shipped no D4RL file, so that a file missing from the folder has to be downloaded."""
+    monkeypatch.setattr(datasets, "EMBEDDED_D4RL_DIR", tmp_path / "no-embedded-copy")
+
+
+def no_download(url, path):
+    pytest.fail(f"nothing may be downloaded here, yet {url} was")
 
 
 def episode_sums(values: np.ndarray, data: dict) -> np.ndarray:
@@ -57,7 +68,48 @@ def test_relabel_kitchen_rewards():
     np.testing.assert_array_equal(relabel_kitchen_rewards(starts_done, np.array([False, False, True])), [2, 0, 1])
 
 
-def test_missing_file_and_failing_download(monkeypatch, tmp_path):
+def test_embedded_complete_file_loads_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))  # an empty folder
+    monkeypatch.setattr(datasets, "download", no_download)
+    data = load_dataset(COMPLETE)
+    assert data["observations"].shape == (3680, 60) and data["rewards"].sum() == 4 * 19
+    assert not any(tmp_path.iterdir())  # read where it ships, not copied into the folder
+    assert datasets.EMBEDDED_D4RL_DIR == Path(datasets.__file__).parent / "data" / "d4rl"
+
+
+def test_embedded_file_is_tracked_by_git():
+    embedded = datasets.EMBEDDED_D4RL_DIR / COMPLETE_NAME
+    repo = embedded.parents[3]
+    if not (repo / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    # exit status 1: no .gitignore rule excludes the file, so `git add` picks it up
+    assert subprocess.run(["git", "check-ignore", "-q", str(embedded)], cwd=repo).returncode == 1
+
+
+def test_folder_copy_takes_precedence_over_the_embedded_one(monkeypatch, tmp_path, real_complete_file):
+    shutil.copy(real_complete_file, tmp_path / COMPLETE_NAME)
+    damaged = tmp_path / "embedded"
+    damaged.mkdir()
+    (damaged / COMPLETE_NAME).write_bytes(b"\x00" * COMPLETE_SIZE)
+    monkeypatch.setattr(datasets, "EMBEDDED_D4RL_DIR", damaged)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    assert load_dataset(COMPLETE)["observations"].shape == (3680, 60)  # reading the damaged copy would fail
+
+
+def test_damaged_embedded_copy_says_how_to_restore_it(monkeypatch, tmp_path):
+    (tmp_path / "embedded").mkdir()
+    damaged = tmp_path / "embedded" / COMPLETE_NAME
+    damaged.write_bytes(b"\x00" * COMPLETE_SIZE)
+    monkeypatch.setattr(datasets, "EMBEDDED_D4RL_DIR", damaged.parent)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    monkeypatch.setattr(datasets, "download", no_download)
+    with pytest.raises(DatasetError) as error:
+        load_dataset(COMPLETE)
+    message = str(error.value)
+    assert str(damaged) in message and "git checkout" in message and str(tmp_path / "d4rl") in message
+
+
+def test_missing_file_and_failing_download(monkeypatch, tmp_path, no_embedded_copy):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     monkeypatch.setattr(datasets, "D4RL_BASE_URL", (tmp_path / "offline-mirror").as_uri())
     with pytest.raises(DatasetError) as error:
@@ -87,13 +139,21 @@ def test_corrupt_file_is_reported_not_replaced(monkeypatch, tmp_path):
     corrupt = tmp_path / COMPLETE_NAME
     corrupt.write_bytes(b"\x00" * COMPLETE_SIZE)  # right size, wrong content: only the checksum can tell
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    monkeypatch.setattr(datasets, "download", lambda url, path: pytest.fail("a present file must not be re-downloaded"))
+    monkeypatch.setattr(datasets, "download", no_download)
     with pytest.raises(DatasetError) as error:
-        load_dataset(COMPLETE)
+        load_dataset(COMPLETE)  # the folder's copy is used, and reported, even though a good one ships embedded
     message = str(error.value)
     assert "sha256" in message and hashlib.sha256(corrupt.read_bytes()).hexdigest() in message
-    assert str(corrupt) in message and "Delete it" in message
+    assert str(corrupt) in message and "Delete it" in message and str(datasets.EMBEDDED_D4RL_DIR) in message
     assert corrupt.read_bytes() == b"\x00" * COMPLETE_SIZE
+
+
+def test_corrupt_file_without_embedded_copy_is_to_be_re_downloaded(monkeypatch, tmp_path):
+    (tmp_path / "kitchen_microwave_kettle_bottomburner_light-v0.hdf5").write_bytes(b"abc")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "download", no_download)
+    with pytest.raises(DatasetError, match="3 bytes.*Delete it and run again to re-download it"):
+        load_dataset("Kitchen-Mixed-v0")
 
 
 def test_truncated_file_fails_on_size(tmp_path):
@@ -112,7 +172,7 @@ def test_prefix_suffix_checksum(tmp_path):
         verify(path, ("blob", 7, (digest[:8], "0000" if digest[-4:] != "0000" else "1111")))
 
 
-def test_download_through_file_url_then_load(monkeypatch, tmp_path, real_complete_file):
+def test_download_through_file_url_then_load(monkeypatch, tmp_path, real_complete_file, no_embedded_copy):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     shutil.copy(real_complete_file, mirror / COMPLETE_NAME)
@@ -175,9 +235,24 @@ def test_dataset_path_errors(tmp_path):
         load_dataset(COMPLETE, dataset_path=str(wrong_dim))
 
 
+@pytest.mark.parametrize("content", ["text", "half of the real file"])
+def test_dataset_path_that_is_not_readable_hdf5(tmp_path, real_complete_file, content):
+    path = tmp_path / "demos.hdf5"
+    real = real_complete_file.read_bytes()
+    path.write_bytes(b"observations,actions\n0.1,0.2\n" if content == "text" else real[: len(real) // 2])
+    with pytest.raises(DatasetError) as error:
+        load_dataset(COMPLETE, dataset_path=str(path))
+    message = str(error.value)
+    assert f"Cannot read {path} as HDF5" in message and "copy or download it again" in message
+    assert "observations, actions, rewards, terminals" in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # h5py's OSError summarised, not chained
+
+
 def test_unknown_env_or_source():
     with pytest.raises(ValueError, match="--dataset-path"):
         load_dataset("Hopper-v5")
+    with pytest.raises(ValueError, match="Unknown env id"):
+        load_dataset("Kitchen-Nonexistent-v0", dataset_path="demos.hdf5")
     with pytest.raises(ValueError, match="minari"):
         load_dataset(COMPLETE, source="rlds")
 

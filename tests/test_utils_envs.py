@@ -1,3 +1,9 @@
+import ctypes.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gymnasium as gym
 import h5py
 import numpy as np
@@ -10,12 +16,30 @@ from utils.envs import (
     KitchenD4RLAdapter,
     ScoreInfo,
     build_env,
+    check_env_id,
     is_kitchen,
     kitchen_goal,
     make_env,
 )
 
 COMPLETE = "Kitchen-Complete-v0"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OPENGL_VARIABLES = ("MUJOCO_GL", "PYOPENGL_PLATFORM")
+
+
+def run_fresh_python(code: str) -> subprocess.CompletedProcess:
+    """Run code in a new interpreter at the repository root, with MUJOCO_GL and PYOPENGL_PLATFORM unset."""
+    env = {key: value for key, value in os.environ.items() if key not in OPENGL_VARIABLES}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh_import() -> subprocess.CompletedProcess:
+    """`import utils.envs` in a new interpreter; prints the OpenGL variables it leaves set."""
+    code = "import os, utils.envs; print([os.environ.get(key) for key in ('MUJOCO_GL', 'PYOPENGL_PLATFORM')])"
+    return run_fresh_python(code)
 
 
 def raw_kitchen(tasks):
@@ -190,9 +214,89 @@ def test_unknown_env_id_is_a_helpful_value_error():
     assert "--dataset-path" in message and "Box" in message
 
 
+def test_check_env_id_accepts_kitchen_ids_and_registered_ids_with_a_dataset(monkeypatch):
+    monkeypatch.setattr(gym, "make", lambda *args, **kwargs: pytest.fail("checking an id must not build an env"))
+    for env_id in KITCHEN_TASKS:
+        check_env_id(env_id, has_dataset_path=False)
+        check_env_id(env_id, has_dataset_path=True)
+    check_env_id("Hopper-v5", has_dataset_path=True)
+
+
+def test_check_env_id_needs_a_dataset_path_for_other_envs():
+    with pytest.raises(ValueError, match="Hopper-v5 has no built-in dataset.*pass --dataset-path"):
+        check_env_id("Hopper-v5", has_dataset_path=False)
+
+
+@pytest.mark.parametrize("has_dataset_path", [False, True])
+def test_check_env_id_lists_the_supported_ids_for_an_unknown_one(has_dataset_path):
+    with pytest.raises(ValueError) as error:
+        check_env_id("Kitchen-Nonexistent-v0", has_dataset_path)
+    message = str(error.value)
+    assert message.startswith("Unknown env id 'Kitchen-Nonexistent-v0'.") and "Did you mean" not in message
+    assert all(env_id in message for env_id in KITCHEN_TASKS)
+    assert "any registered Gymnasium id with Box observation and action spaces together with --dataset-path" in message
+
+
+def test_check_env_id_suggests_a_close_match():
+    with pytest.raises(ValueError, match="Did you mean 'Kitchen-Complete-v0'"):
+        check_env_id("kitchen-complete-v0", has_dataset_path=False)
+
+
 def test_non_box_space_is_rejected():
     with pytest.raises(ValueError, match="non-Box action space"):
         build_env("CartPole-v1")
+
+
+def test_import_leaves_the_opengl_backend_unset(fresh_import):
+    assert fresh_import.returncode == 0, fresh_import.stderr
+    assert fresh_import.stdout.strip() == "[None, None]"
+
+
+def test_import_prints_no_adroit_notice(fresh_import):
+    assert fresh_import.returncode == 0, fresh_import.stderr
+    assert "Adroit" not in fresh_import.stderr and "Adroit" not in fresh_import.stdout
+
+
+def test_import_keeps_other_gymnasium_robotics_notices():
+    code = (
+        "from importlib.metadata import version\n"
+        "from farama_notifications import notifications\n"
+        "notifications.setdefault('gymnasium_robotics', {})[version('gymnasium-robotics')] = 'another notice'\n"
+        "import utils.envs"
+    )
+    result = run_fresh_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "another notice" in result.stderr
+
+
+def test_rendering_env_asks_for_egl_unless_a_backend_is_chosen(monkeypatch):
+    for key in OPENGL_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    build_env(COMPLETE).close()
+    assert not any(key in os.environ for key in OPENGL_VARIABLES)  # no rendering, no OpenGL backend requested
+    build_env(COMPLETE, render_mode="rgb_array").close()
+    assert os.environ["MUJOCO_GL"] == "egl" and os.environ["PYOPENGL_PLATFORM"] == "egl"
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.delenv("PYOPENGL_PLATFORM")
+    build_env(COMPLETE, render_mode="rgb_array").close()
+    assert os.environ["MUJOCO_GL"] == "osmesa" and "PYOPENGL_PLATFORM" not in os.environ  # the user's choice wins
+
+
+@pytest.mark.skipif(ctypes.util.find_library("EGL") is None, reason="no libEGL on this machine")
+def test_rendering_in_a_worker_forked_after_mujoco_was_imported():
+    code = """
+import gymnasium as gym
+from utils.envs import build_env
+
+envs = gym.vector.AsyncVectorEnv([lambda: build_env("Kitchen-Complete-v0", render_mode="rgb_array")], context="fork")
+envs.reset(seed=0)
+(frame,) = envs.call("render")
+print(frame.shape, frame.dtype, frame.std() > 0)
+envs.close()
+"""
+    result = run_fresh_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(240, 320, 3) uint8 True"
 
 
 def test_video_rendering_is_cheap_and_works():

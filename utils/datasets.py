@@ -1,4 +1,4 @@
-"""Offline datasets in D4RL's flat layout: D4RL kitchen files (download + checksum), Minari kitchen, or any D4RL-style HDF5.
+"""Offline datasets in D4RL's flat layout: D4RL kitchen files (checksummed), Minari kitchen, or any D4RL-style HDF5.
 
 Every loader returns float32 observations (N, obs_dim), float32 actions (N, act_dim), float32 rewards (N,) and bool
 terminals / timeouts (N,). Episode ends are terminals | timeouts, and the last row always ends an episode: if it is
@@ -15,10 +15,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from gymnasium_robotics.envs.franka_kitchen.kitchen_env import BONUS_THRESH
 from tqdm import tqdm
 
-from utils.envs import KITCHEN_OBS_DIM, KITCHEN_TASKS, is_kitchen, kitchen_goal, kitchen_observation
+from utils.envs import (
+    BONUS_THRESH,
+    KITCHEN_OBS_DIM,
+    KITCHEN_TASKS,
+    check_env_id,
+    is_kitchen,
+    kitchen_goal,
+    kitchen_observation,
+)
 
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/kitchen"
 # env id -> (file name, size in bytes, sha256). Only the first and last hex digits of the partial and mixed files'
@@ -32,12 +39,16 @@ D4RL_KITCHEN_FILES: dict[str, tuple[str, int, str | tuple[str, str]]] = {
     "Kitchen-Partial-v0": ("kitchen_microwave_kettle_light_slider-v0.hdf5", 19_558_459, ("57bfd9c5", "9800")),
     "Kitchen-Mixed-v0": ("kitchen_microwave_kettle_bottomburner_light-v0.hdf5", 19_560_760, ("a30382a5", "721b")),
 }
+# D4RL files shipped with the repository (kitchen-complete only, see utils/data/README.md): used, after the same
+# verification, when dataset_dir() lacks them, so that Kitchen-Complete-v0 needs neither network nor setup.
+EMBEDDED_D4RL_DIR = Path(__file__).resolve().parent / "data" / "d4rl"
 MINARI_KITCHEN_IDS = {
     "Kitchen-Complete-v0": "D4RL/kitchen/complete-v2",
     "Kitchen-Partial-v0": "D4RL/kitchen/partial-v2",
     "Kitchen-Mixed-v0": "D4RL/kitchen/mixed-v2",
 }
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
+D4RL_LAYOUT = f"a D4RL-layout file holds the arrays {', '.join(REQUIRED_KEYS)} and optionally timeouts"
 
 
 class DatasetError(RuntimeError):
@@ -96,10 +107,16 @@ def _d4rl_instructions(env_id: str) -> str:
 
 
 def _fetch_d4rl(env_id: str) -> Path:
-    """Path of the verified D4RL file for env_id, downloaded first if absent."""
+    """Path of the verified D4RL file for env_id.
+
+    The file in dataset_dir() if there, else the copy shipped in EMBEDDED_D4RL_DIR, else one downloaded into
+    dataset_dir().
+    """
     spec = D4RL_KITCHEN_FILES[env_id]
-    path = dataset_dir() / spec[0]
-    if not path.exists():
+    path, embedded = dataset_dir() / spec[0], EMBEDDED_D4RL_DIR / spec[0]
+    if not path.exists() and embedded.is_file():
+        path = embedded
+    elif not path.exists():
         try:
             download(f"{D4RL_BASE_URL}/{spec[0]}", path)
         except OSError as e:  # urllib's URLError and HTTPError are OSErrors
@@ -107,10 +124,14 @@ def _fetch_d4rl(env_id: str) -> Path:
     try:
         verify(path, spec)
     except DatasetError as e:
-        # Never re-download over a bad file silently: it may be a user's copy, or the mirror may be serving bad data.
-        raise DatasetError(
-            f"{e}: the file is corrupt or incomplete. Delete it and run again to re-download it. {_d4rl_instructions(env_id)}"
-        ) from None
+        # Never replace a bad file silently: it may be a user's copy, or the mirror may be serving bad data.
+        if path == embedded:
+            fix = f"Restore the repository's copy with `git checkout -- {embedded}`"
+        elif embedded.is_file():
+            fix = f"Delete it and run again to use the copy shipped in {EMBEDDED_D4RL_DIR}"
+        else:
+            fix = "Delete it and run again to re-download it"
+        raise DatasetError(f"{e}: the file is corrupt or incomplete. {fix}. {_d4rl_instructions(env_id)}") from None
     return path
 
 
@@ -134,14 +155,18 @@ def _read_hdf5(path: Path) -> dict[str, np.ndarray]:
     """Read a D4RL-layout HDF5 file (timeouts optional) and check its keys and shapes."""
     if not Path(path).is_file():
         raise DatasetError(f"Dataset file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        missing = [key for key in REQUIRED_KEYS if key not in f]
-        if missing:
-            raise DatasetError(
-                f"{path} lacks the key(s) {missing}; a D4RL-layout file needs {list(REQUIRED_KEYS)} (+ optional timeouts)"
-            )
-        data = {key: f[key][()] for key in REQUIRED_KEYS}
-        data["timeouts"] = f["timeouts"][()] if "timeouts" in f else np.zeros(len(data["rewards"]), dtype=bool)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [key for key in REQUIRED_KEYS if key not in f]
+            if missing:
+                raise DatasetError(f"{path} lacks the key(s) {missing}; {D4RL_LAYOUT}")
+            data = {key: f[key][()] for key in REQUIRED_KEYS}
+            data["timeouts"] = f["timeouts"][()] if "timeouts" in f else np.zeros(len(data["rewards"]), dtype=bool)
+    except OSError as e:  # what h5py raises for a file that is not HDF5, or is truncated or damaged
+        raise DatasetError(
+            f"Cannot read {path} as HDF5 ({e}): it is not an HDF5 file, or it is truncated or damaged. Pass a complete "
+            f"HDF5 file instead (copy or download it again); {D4RL_LAYOUT}"
+        ) from None
     n = len(data["observations"])
     expected_ndim = {"observations": 2, "actions": 2, "rewards": 1, "terminals": 1, "timeouts": 1}
     for key, ndim in expected_ndim.items():
@@ -216,17 +241,13 @@ def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = N
     """Load an offline dataset in D4RL's flat layout (see the module docstring).
 
     dataset_path: a D4RL-layout HDF5 file, no checksum; rewards are relabelled only for kitchen ids (D4RL's kitchen
-    format). Otherwise source "d4rl" (file from dataset_dir(), downloaded if absent, verified) or "minari" (local
-    Minari dataset), kitchen ids only.
+    format). Otherwise source "d4rl" (verified file from dataset_dir(), else shipped with the repository, else
+    downloaded) or "minari" (local Minari dataset), kitchen ids only.
     """
+    check_env_id(env_id, has_dataset_path=dataset_path is not None)
     if dataset_path is not None:
         data = _read_hdf5(Path(dataset_path))
         return _relabel_kitchen(data) if is_kitchen(env_id) else data
-    if not is_kitchen(env_id):
-        raise ValueError(
-            f"No built-in dataset for {env_id!r} (built-in: {', '.join(KITCHEN_TASKS)}); pass --dataset-path with a "
-            "D4RL-layout HDF5 file (observations, actions, rewards, terminals, optional timeouts)."
-        )
     if source == "d4rl":
         return _relabel_kitchen(_read_hdf5(_fetch_d4rl(env_id)))
     if source == "minari":

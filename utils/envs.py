@@ -1,17 +1,27 @@
 """Environment construction: FrankaKitchen-v1 behind D4RL's kitchen interface, score bookkeeping and action chunks."""
 
+import difflib
 import os
+from typing import Callable
 
-# Videos are rendered offscreen, and EGL is the backend that works headless (servers, CI). Set before mujoco and
-# PyOpenGL are imported, since the OpenGL platform is fixed on first import; an explicit MUJOCO_GL still wins.
-os.environ.setdefault("MUJOCO_GL", "egl")
+import gymnasium as gym
+import numpy as np
+from farama_notifications import notifications
 
-from typing import Callable  # noqa: E402
-
-import gymnasium as gym  # noqa: E402
+# gymnasium_robotics prints, on import, its farama_notifications entry for the installed version: for 1.4.2 a notice
+# that the Adroit hand envs' rewards changed in 1.2.1. Drop that notice only (this project has no Adroit env); any
+# other notice still prints.
+notifications["gymnasium_robotics"] = {
+    version: notice
+    for version, notice in notifications.get("gymnasium_robotics", {}).items()
+    if not notice.startswith("AdroitHand")
+}
 import gymnasium_robotics  # noqa: E402
-import numpy as np  # noqa: E402
-from gymnasium_robotics.envs.franka_kitchen.kitchen_env import OBS_ELEMENT_GOALS, OBS_ELEMENT_INDICES  # noqa: E402
+from gymnasium_robotics.envs.franka_kitchen.kitchen_env import (  # noqa: E402
+    BONUS_THRESH,
+    OBS_ELEMENT_GOALS,
+    OBS_ELEMENT_INDICES,
+)
 
 gym.register_envs(gymnasium_robotics)
 
@@ -25,11 +35,33 @@ KITCHEN_TASKS: dict[str, list[str]] = {
 KITCHEN_QPOS_DIM = 30  # 9 robot joints + 21 object coordinates; D4RL's goal vector is indexed like this qpos
 KITCHEN_OBS_DIM = 60  # robot qpos (9) + object qpos (21) + goal (30)
 VIDEO_WIDTH, VIDEO_HEIGHT = 320, 240
+SUPPORTED_ENVS = (
+    f"Supported: {', '.join(KITCHEN_TASKS)}, or any registered Gymnasium id with Box observation and action spaces "
+    "together with --dataset-path."
+)
 
 
 def is_kitchen(env_id: str) -> bool:
     """Whether env_id is one of the D4RL kitchen ids served by FrankaKitchen-v1."""
     return env_id in KITCHEN_TASKS
+
+
+def check_env_id(env_id: str, has_dataset_path: bool) -> None:
+    """Raise ValueError unless env_id is a kitchen id, or a registered Gymnasium id and a dataset path is given.
+
+    Looks the id up in Gymnasium's registry only; no env is built.
+    """
+    if is_kitchen(env_id):
+        return
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, [*KITCHEN_TASKS, *gym.registry], n=1, cutoff=0.8)
+        suggestion = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
+    if not has_dataset_path:
+        raise ValueError(
+            f"{env_id} has no built-in dataset (only {', '.join(KITCHEN_TASKS)} do): pass --dataset-path with a "
+            "D4RL-layout HDF5 file of its demonstrations."
+        )
 
 
 def kitchen_goal(tasks: list[str]) -> np.ndarray:
@@ -159,8 +191,22 @@ def _disable_costly_rendering(model) -> None:
     model.mat_reflectance[:] = 0.0
 
 
+def _request_headless_rendering() -> None:
+    """Ask for EGL, the OpenGL backend that renders headless (servers, CI), unless the user chose a backend.
+
+    Called only for rendering envs: `import mujoco` with MUJOCO_GL=egl loads libEGL, which machines without it lack.
+    This is early enough even after mujoco is imported (also in AsyncVectorEnv workers forked later): gymnasium reads
+    MUJOCO_GL when it renders the first frame, and mujoco.egl, imported then, first imports PyOpenGL, which fixes its
+    platform from PYOPENGL_PLATFORM (`import mujoco` with MUJOCO_GL unset does not import PyOpenGL).
+    """
+    if os.environ.setdefault("MUJOCO_GL", "egl") == "egl":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+
 def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     """One unchunked env: FrankaKitchen-v1 behind KitchenD4RLAdapter for kitchen ids, else gym.make + ScoreInfo."""
+    if render_mode is not None:
+        _request_headless_rendering()
     if is_kitchen(env_id):
         render_kwargs = {} if render_mode is None else dict(render_mode=render_mode, width=VIDEO_WIDTH, height=VIDEO_HEIGHT)
         # D4RL's semantics: each subtask pays once and the episode terminates once all four are done
@@ -179,10 +225,7 @@ def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     try:
         env = gym.make(env_id, render_mode=render_mode)
     except gym.error.Error as e:
-        raise ValueError(
-            f"Cannot create env {env_id!r} ({e}). Supported kitchen ids: {', '.join(KITCHEN_TASKS)}; "
-            "any registered Gymnasium id with Box observation and action spaces also works, together with --dataset-path."
-        ) from e
+        raise ValueError(f"Cannot create env {env_id!r} ({e}). {SUPPORTED_ENVS}") from e
     return ScoreInfo(env)
 
 
