@@ -1,19 +1,155 @@
 import json
+import sys
+import time
 
-from utils.benchmark import report
+import numpy as np
+import pytest
+
+from utils.benchmark import aggregate, load_summaries, main, plot, report, run
+
+
+def scores(score, success, episodes=10):
+    return {"normalized_score": score, "success_rate": success, "episodes": episodes, "episodic_return": score / 25}
+
+
+def write_summary(folder, exp_name="otpr", seed=2, pretrained=25.0, final=50.0, best=75.0, final_success=0.1,
+                  env_steps=5600, wall_time_s=600.0, sps=9.3, history=None, env_id="Kitchen-Complete-v0", **extra):
+    summary = {
+        "env_id": env_id, "exp_name": exp_name, "seed": seed, "pretrained_checkpoint": "runs/pretrained/x.pt",
+        "pretrained": scores(pretrained, 0.0), "final": scores(final, final_success),
+        "best": scores(best, 0.2), "env_steps": env_steps, "iterations": 10, "wall_time_s": wall_time_s, "SPS": sps,
+        "history": history or [{"env_steps": 0, **scores(pretrained, 0.0)}, {"env_steps": env_steps, **scores(final, final_success)}],
+        "time_per_iteration_s": {"env": 1.0, "sampling": 2.0, "critic": 3.0, "ot": 4.0, "actor": 5.0, "eval": 6.0},
+        **extra,
+    }
+    if "protocols" in summary["history"][-1]:
+        summary["final"] = summary["history"][-1]
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
 
 
 def test_report_has_a_row_and_a_curve_per_run(tmp_path):
-    scores = lambda score, success: {"normalized_score": score, "success_rate": success, "episodes": 10,
-                                     "episodic_return": score / 25}
-    summary = {
-        "exp_name": "otpr", "seed": 2, "pretrained": scores(25.0, 0.0), "final": scores(50.0, 0.1),
-        "best": scores(75.0, 0.2), "env_steps": 5600, "wall_time_s": 600.0, "SPS": 9.3,
-        "history": [{"env_steps": 0, **scores(25.0, 0.0)}, {"env_steps": 5600, **scores(50.0, 0.1)}],
-        "time_per_iteration_s": {"env": 1.0, "sampling": 2.0, "critic": 3.0, "ot": 4.0, "actor": 5.0, "eval": 6.0},
-    }
-    (tmp_path / "run_a").mkdir()
-    (tmp_path / "run_a" / "summary.json").write_text(json.dumps(summary))
+    write_summary(tmp_path / "run_a")  # no TensorBoard events in the folder: the exploration column says "-"
     table = report(tmp_path)
     assert "| otpr | 2 | 25.0 | 50.0 | 75.0 | 0.10 | - | 5600 | 10 | 9 | 1.00 / 2.00 / 3.00 / 4.00 / 5.00 / 6.00 |" in table
     assert "- otpr seed 2 (10 episodes per evaluation): 0: 25.0, 5600: 50.0" in table
+    assert "protocol" not in table
+
+
+def test_aggregate_row_is_mean_std_and_range_over_three_seeds(tmp_path):
+    finals, pretrained, best, success = [10.0, 40.0, 70.0], [0.0, 5.0, 10.0], [20.0, 50.0, 80.0], [0.0, 0.25, 0.5]
+    for seed in range(3):
+        write_summary(tmp_path / f"otpr_{seed}", seed=seed, pretrained=pretrained[seed], final=finals[seed],
+                      best=best[seed], final_success=success[seed], wall_time_s=60.0 * (seed + 1), sps=10.0 * (seed + 1))
+    write_summary(tmp_path / "idql_1", exp_name="idql", seed=1, final=5.0, env_steps=5000)
+    (row,) = [a for a in aggregate(load_summaries(tmp_path)) if a["group"] == "otpr"]
+    assert row["seeds"] == 3 and row["final_min"] == 10.0 and row["final_max"] == 70.0
+    assert np.mean(row["final"]) == pytest.approx(40.0) and np.std(row["final"]) == pytest.approx(np.sqrt(600.0))
+    assert row["wall_min"] == pytest.approx(2.0) and row["SPS"] == pytest.approx(20.0)
+    table = report(tmp_path)
+    header = ("| exp_name | env | seeds | pre-trained score | final score | best score | final success |"
+              " final score range (min-max) | env steps | mean wall (min) | mean SPS |")
+    assert header in table and "ddof=0" in table
+    # std (ddof=0): finals 10/40/70 -> sqrt(600) = 24.49; pre-trained 0/5/10 -> 4.08; success 0/.25/.5 -> 0.204
+    assert ("| otpr | Kitchen-Complete-v0 | 3 | 5.0 ± 4.1 | 40.0 ± 24.5 | 50.0 ± 24.5 | 0.25 ± 0.20 | 10.0-70.0 |"
+            " 5600 | 2 | 20 |") in table
+    assert "| idql | Kitchen-Complete-v0 | 1 | 25.0 ± 0.0 | 5.0 ± 0.0 | 75.0 ± 0.0 | 0.10 ± 0.00 | 5.0-5.0 | 5000 | 10 | 9 |" in table
+
+
+def test_report_reads_several_roots_and_groups_by_another_key(tmp_path):
+    write_summary(tmp_path / "a" / "run_1", seed=1, final=20.0, variant="x")
+    write_summary(tmp_path / "b" / "run_2", seed=2, final=40.0, variant="x")
+    table = report([tmp_path / "a", tmp_path / "b"], group_by="variant")
+    assert "| variant | env | seeds |" in table
+    assert "| x | Kitchen-Complete-v0 | 2 | 25.0 ± 0.0 | 30.0 ± 10.0 |" in table
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) is None
+
+
+def test_protocols_column_appears_when_the_history_has_protocols(tmp_path):
+    for seed, (single, select) in enumerate([(10.0, 30.0), (20.0, 50.0)]):
+        history = [{"iteration": 0, "env_steps": 0, **scores(0.0, 0.0)},
+                   {"iteration": 10, "env_steps": 5600, **scores(25.0, 0.0),
+                    "protocols": {"single": scores(single, 0.0), "select": scores(select, 0.0)}}]
+        write_summary(tmp_path / f"run_{seed}", seed=seed, history=history)
+    table = report(tmp_path)
+    assert "final score per protocol (select / single)" in table
+    assert "| 30.0 / 10.0 |" in table and "| 50.0 / 20.0 |" in table  # per run
+    assert "| 40.0 ± 10.0 / 15.0 ± 5.0 |" in table  # aggregate
+
+
+def test_plot_writes_a_png_of_the_figure_size_with_two_panels(tmp_path):
+    for seed, (steps, values) in enumerate([((0, 5600, 11200), (0.0, 25.0, 50.0)), ((0, 5640, 11300), (0.0, 50.0, 100.0))]):
+        history = [{"iteration": i * 10, "env_steps": s, **scores(v, v / 100)} for i, (s, v) in enumerate(zip(steps, values))]
+        write_summary(tmp_path / "runs" / f"otpr_{seed}", seed=seed, history=history)
+    write_summary(tmp_path / "runs" / "idql_1", exp_name="idql", seed=1)
+    out = tmp_path / "docs" / "curves.png"
+    fig = plot(tmp_path / "runs", out, title="test", size_in=(8.0, 3.0), dpi=50)
+    from matplotlib.image import imread
+
+    image = imread(out)
+    assert out.stat().st_size > 0 and image.shape[:2] == (150, 400)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["success rate", "normalized score"]
+    assert all(ax.get_xlabel() == "env steps" for ax in fig.axes)
+    left, right = image[:, :200, :3], image[:, 200:, :3]
+    assert (left < 0.5).any() and (right < 0.5).any()  # both halves have drawn axes, not a blank canvas
+    otpr_line = [line for line in fig.axes[1].get_lines() if line.get_label().startswith("otpr")][0]
+    np.testing.assert_allclose(otpr_line.get_xdata(), [0, 5620, 11250])  # aligned by iteration, mean env steps
+    np.testing.assert_allclose(otpr_line.get_ydata(), [0.0, 37.5, 75.0])
+    assert "min-max" in fig.axes[1].get_legend().get_title().get_text()
+
+
+FAKE_SCRIPT = """import os, sys, time
+name, seed = os.path.basename(__file__), sys.argv[sys.argv.index("--seed") + 1]
+record = lambda event: open({record!r}, "a").write(f"{{name}} {{seed}} {{event}} {{time.time()}}\\n")
+record("start")
+time.sleep(0.1)
+record("marker")  # before the print, so the marker time precedes any start it unblocks
+print("loaded the pre-trained policy from x", os.environ["OMP_NUM_THREADS"], sys.argv[1:])
+time.sleep(0.1)
+record("end")
+"""
+
+
+def fake_scripts(tmp_path):
+    record = tmp_path / "events.txt"
+    for name in ("first.py", "second.py"):
+        (tmp_path / name).write_text(FAKE_SCRIPT.format(record=str(record)))
+    return [str(tmp_path / "first.py"), str(tmp_path / "second.py")], record
+
+
+def read_events(record):
+    events = {}
+    for line in record.read_text().splitlines():
+        name, seed, event, stamp = line.split()
+        events.setdefault((name, int(seed)), {})[event] = float(stamp)
+    return events
+
+
+def test_run_with_parallel_one_runs_every_job_one_at_a_time(tmp_path):
+    scripts, record = fake_scripts(tmp_path)
+    run(scripts, [1, 2], ["--flag", "3"], parallel=1, threads=2, logs=tmp_path / "logs", poll_s=0.01)
+    events = read_events(record)
+    assert set(events) == {(name, seed) for name in ("first.py", "second.py") for seed in (1, 2)}
+    intervals = sorted((e["start"], e["end"]) for e in events.values())
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:]))
+    log = (tmp_path / "logs" / "second__seed2.log").read_text()
+    assert "pre-trained policy from x 2 ['--seed', '2', '--flag', '3']" in log
+
+
+def test_run_starts_a_seeds_other_scripts_after_the_pretrained_marker(tmp_path):
+    scripts, record = fake_scripts(tmp_path)
+    main(["run", "--scripts", *scripts, "--seeds", "1", "2", "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    events = read_events(record)
+    for seed in (1, 2):
+        assert events[("second.py", seed)]["start"] >= events[("first.py", seed)]["marker"]
+    # no --parallel: both seeds' first scripts ran at the same time
+    assert events[("first.py", 2)]["start"] < events[("first.py", 1)]["end"]
+
+
+def test_run_skips_a_seeds_other_scripts_when_its_first_script_fails(tmp_path):
+    (tmp_path / "broken.py").write_text("raise SystemExit(3)\n")
+    scripts, record = fake_scripts(tmp_path)
+    with pytest.raises(SystemExit, match="failed or skipped"):
+        run([str(tmp_path / "broken.py"), scripts[1]], [1], [], logs=tmp_path / "logs", poll_s=0.01)
+    assert not record.exists()

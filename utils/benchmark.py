@@ -1,72 +1,233 @@
-"""Run the methods side by side over seeds, and report their summaries as a markdown table.
+"""Run the methods side by side over seeds, report their summaries as markdown tables, and plot their curves.
 
-    python -m utils.benchmark run --scripts otpr.py idql_baseline.py --seeds 1 2 -- --total-timesteps 100000
-    python -m utils.benchmark report runs/
+    python -m utils.benchmark run --scripts otpr.py idql_baseline.py --seeds 1 2 [--parallel N] [--threads T] \
+        -- --total-timesteps 100000
+    python -m utils.benchmark report runs [more_roots ...] [--group-by exp_name]
+    python -m utils.benchmark plot runs [more_roots ...] --out docs/kitchen_complete.png [--title TITLE]
 
-`run` starts every (script, seed) job at once with one torch thread each (two cores: more threads only contend), and
-starts a seed's other scripts only after the first script has written that seed's shared pre-trained checkpoint, so
-that every method fine-tunes the same file. Logs go to runs/benchmark_logs/.
+`run` starts up to --parallel (script, seed) jobs at once (default: all of them) with --threads torch/OpenMP threads
+each (default 1: on a 2-core CPU more threads only contend; on a 16-core GPU machine e.g. --parallel 8 --threads 2).
+It starts a seed's other scripts only after the first script of that seed has written (or loaded) that seed's shared
+pre-trained checkpoint (its log says "pre-trained policy"), so that every method fine-tunes the same file. Logs go to
+runs/benchmark_logs/<script>__seed<seed>.log.
+
+`report` prints one row per run (every <root>/*/summary.json), then one row per (env id, exp name) aggregated over
+its seeds, then each run's score at every evaluation. `plot` draws success rate and normalized score over env steps,
+one line per exp name (mean over seeds, band from the min to the max over seeds).
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 
-def run(scripts: list[str], seeds: list[int], extra: list[str]) -> None:
-    logs = Path("runs/benchmark_logs")
+PHASES = ("env", "sampling", "critic", "ot", "actor", "eval")  # the usual order; other phases follow in file order
+PHASE_NAMES = {"ot": "OT"}
+PRETRAINED_MARKER = "pre-trained policy"  # "saved the pre-trained policy to ..." / "loaded the pre-trained policy from ..."
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], parallel: int | None = None,
+        threads: int = 1, logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
+    """Runs every script for every seed, at most `parallel` jobs at a time (None: all at once).
+
+    A seed's first script starts at once; its other scripts wait until the first one's log contains
+    "pre-trained policy" (or it exited cleanly). Jobs are started in the order: first scripts of every seed, then the
+    others as their seed's checkpoint becomes available. Raises SystemExit naming the failed jobs, if any.
+    """
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, got {parallel}")
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    logs = Path(logs)
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs, waiting = [], []
+    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    # unbuffered output, so that the logs are live and the pre-trained marker shows as soon as it is printed
+    env = {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+
+    jobs = []  # dicts: command, log, gate (the job whose log must show the marker, or None), state, process, ...
     for seed in seeds:
+        first = None
         for position, script in enumerate(scripts):
-            command = [sys.executable, script, "--seed", str(seed), *extra]
-            log = logs / f"{Path(script).stem}__seed{seed}.log"
-            if position == 0:
-                print(" ".join(command), flush=True)
-                jobs.append(subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env))
-                first_log = log
-            else:
-                waiting.append((first_log, command, log))
-    while waiting:  # start the others once the first script of their seed has pre-trained (or loaded) the policy
-        for item in list(waiting):
-            first_log, command, log = item
-            if "pre-trained policy" in first_log.read_text(errors="ignore"):
-                print(" ".join(command), flush=True)
-                jobs.append(subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env))
-                waiting.remove(item)
-        time.sleep(5)
-    failed = [job.args for job in jobs if job.wait() != 0]
+            job = {"command": [sys.executable, script, "--seed", str(seed), *extra],
+                   "log": logs / f"{Path(script).stem}__seed{seed}.log", "gate": first, "state": "pending",
+                   "process": None, "handle": None, "start": None, "marker": False}
+            jobs.append(job)
+            first = job if position == 0 else first
+    jobs.sort(key=lambda job: job["gate"] is not None)  # stable: every seed's first script, then the others
+    limit = parallel or len(jobs)
+
+    def has_marker(job) -> bool:
+        if not job["marker"] and job["log"].exists():
+            job["marker"] = PRETRAINED_MARKER in job["log"].read_text(errors="ignore")
+        return job["marker"]
+
+    def start(job) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(job['command'])}  (log: {job['log']})", flush=True)
+        job["handle"] = job["log"].open("w")
+        job["process"] = subprocess.Popen(job["command"], stdout=job["handle"], stderr=subprocess.STDOUT, env=env)
+        job["state"], job["start"] = "running", time.time()
+
+    try:
+        while any(job["state"] in ("pending", "running") for job in jobs):
+            for job in jobs:
+                if job["state"] == "running" and (code := job["process"].poll()) is not None:
+                    job["handle"].close()
+                    job["state"], job["returncode"] = ("done" if code == 0 else "failed"), code
+                    print(f"[{time.strftime('%H:%M:%S')}] {'done' if code == 0 else f'FAILED (exit {code})'} after "
+                          f"{(time.time() - job['start']) / 60:.1f} min: {' '.join(job['command'])}", flush=True)
+            running = sum(job["state"] == "running" for job in jobs)
+            for job in jobs:
+                if job["state"] != "pending":
+                    continue
+                gate = job["gate"]
+                if gate is not None and gate["state"] in ("failed", "skipped") and not has_marker(gate):
+                    job["state"] = "skipped"  # its seed's first script died before making the checkpoint
+                    print(f"skipped (the first script of its seed failed): {' '.join(job['command'])}", flush=True)
+                    continue
+                ready = gate is None or gate["state"] == "done" or has_marker(gate)
+                if ready and running < limit:
+                    start(job)
+                    running += 1
+            if any(job["state"] in ("pending", "running") for job in jobs):
+                time.sleep(poll_s)
+    except BaseException:  # Ctrl-C or an error here: do not leave the jobs this call started running unattended
+        for job in jobs:
+            if job["state"] == "running":
+                job["process"].terminate()
+        raise
+    failed = [" ".join(job["command"]) for job in jobs if job["state"] in ("failed", "skipped")]
     if failed:
-        raise SystemExit(f"failed: {failed} (see {logs})")
+        raise SystemExit(f"failed or skipped: {failed} (see {logs})")
 
 
-def report(root: Path) -> str:
-    """One row per run, then the score at each evaluation, from every runs/*/summary.json below `root`."""
-    rows = ["| run | seed | pre-trained score | final score | best score | final success | exploration score, all / last 50"
-            " episodes | env steps | wall (min) | SPS | env / sampling / critic / OT / actor / eval (s per iteration) |",
-            "|" + "---|" * 11]
+# -------------------------------------------------------------------------------------------------------- report
+def load_summaries(roots: Path | Sequence[Path]) -> list[tuple[Path, dict]]:
+    """(run folder, summary) of every <root>/*/summary.json (or <root>/summary.json), sorted by env, exp, seed."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    paths = {}
+    for root in map(Path, roots):
+        for path in [root / "summary.json", *root.glob("*/summary.json")]:
+            if path.is_file():
+                paths.setdefault(path.resolve(), path)
+    runs = [(path.parent, json.loads(path.read_text())) for path in paths.values()]
+    return sorted(runs, key=lambda r: (str(r[1].get("env_id", "")), str(r[1].get("exp_name", "")),
+                                       _seed_key(r[1].get("seed")), str(r[0])))
+
+
+def _seed_key(seed):
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
+def final_protocols(summary: dict) -> dict[str, dict]:
+    """The final evaluation's extra protocols ({"single": {...}, "select": {...}}), or {} when it has none."""
+    final = summary.get("final") or (summary.get("history") or [{}])[-1]
+    protocols = final.get("protocols") or (summary.get("history") or [{}])[-1].get("protocols") or {}
+    return {name: scores for name, scores in protocols.items() if isinstance(scores, dict)}
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _mean_std(values: Sequence[float], spec: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values, ddof=0)), spec)}"
+
+
+def aggregate(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> list[dict]:
+    """One dict per (env_id, summary[group_by]) over its runs: the numbers of the aggregate table (std: ddof=0)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for _, s in runs:
+        groups.setdefault((str(s.get("env_id", "-")), str(s.get(group_by, "-"))), []).append(s)
+    rows = []
+    for (env_id, name), members in groups.items():
+        score = lambda key: [m[key]["normalized_score"] for m in members if key in m]
+        final = np.array(score("final"), dtype=float)
+        protocols: dict[str, list[float]] = {}
+        for m in members:
+            for protocol, scores in final_protocols(m).items():
+                protocols.setdefault(protocol, []).append(scores["normalized_score"])
+        rows.append({
+            "env_id": env_id, "group": name, "runs": len(members), "seeds": len({str(m.get("seed")) for m in members}),
+            "pretrained": score("pretrained"), "final": final.tolist(), "best": score("best"),
+            "final_success": [m["final"]["success_rate"] for m in members if "final" in m],
+            "final_min": float(final.min()) if final.size else None,
+            "final_max": float(final.max()) if final.size else None,
+            "env_steps": [m["env_steps"] for m in members if "env_steps" in m],
+            "wall_min": float(np.mean([m["wall_time_s"] / 60 for m in members if "wall_time_s" in m] or [np.nan])),
+            "SPS": float(np.mean([m["SPS"] for m in members if "SPS" in m] or [np.nan])),
+            "protocols": protocols,
+        })
+    return rows
+
+
+def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
+    """Markdown: one row per run, one row per (env id, group) over seeds, then the score at each evaluation."""
+    runs = load_summaries(roots)
+    if not runs:
+        return f"no summary.json under {roots}"
+    several_envs = len({s.get("env_id") for _, s in runs}) > 1
+    phases = [p for p in PHASES if any(p in s.get("time_per_iteration_s", {}) for _, s in runs)]
+    for _, s in runs:
+        phases += [p for p in s.get("time_per_iteration_s", {}) if p not in phases]
+    protocols = sorted({p for _, s in runs for p in final_protocols(s)})
+
+    header = ["run", *(["env"] if several_envs else []), "seed", "pre-trained score", "final score", "best score",
+              "final success", "exploration score, all / last 50 episodes", "env steps", "wall (min)", "SPS",
+              " / ".join(PHASE_NAMES.get(p, p) for p in phases) + " (s per iteration)",
+              *(["final score per protocol (" + " / ".join(protocols) + ")"] if protocols else [])]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     curves, ot_rows = [], []
-    for path in sorted(root.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        t = s["time_per_iteration_s"]
-        split = " / ".join(f"{t[k]:.2f}" for k in ("env", "sampling", "critic", "ot", "actor", "eval"))
-        logged = scalars(path.parent)
+    for run_dir, s in runs:
+        t = s.get("time_per_iteration_s", {})
+        split = " / ".join(_num(t.get(p), ".2f") for p in phases)
+        logged = scalars(run_dir)
         train = logged.get("charts/train_normalized_score", [])
         exploration = f"{sum(train) / len(train):.1f} / {sum(train[-50:]) / len(train[-50:]):.1f}" if train else "-"
-        rows.append(f"| {s['exp_name']} | {s['seed']} | {s['pretrained']['normalized_score']:.1f} | "
-                    f"{s['final']['normalized_score']:.1f} | {s['best']['normalized_score']:.1f} | "
-                    f"{s['final']['success_rate']:.2f} | {exploration} | {s['env_steps']} | "
-                    f"{s['wall_time_s'] / 60:.0f} | {s['SPS']:.0f} | {split} |")
-        points = ", ".join(f"{h['env_steps']}: {h['normalized_score']:.1f}" for h in s["history"])
-        curves.append(f"- {s['exp_name']} seed {s['seed']} ({s['final']['episodes']} episodes per evaluation): {points}")
+        cells = [s.get("exp_name", "-"), *([s.get("env_id", "-")] if several_envs else []), s.get("seed", "-"),
+                 _num(s["pretrained"]["normalized_score"], ".1f"), _num(s["final"]["normalized_score"], ".1f"),
+                 _num(s["best"]["normalized_score"], ".1f"), _num(s["final"]["success_rate"], ".2f"), exploration,
+                 s.get("env_steps", "-"), _num(s["wall_time_s"] / 60 if "wall_time_s" in s else None, ".0f"),
+                 _num(s.get("SPS"), ".0f"), split]
+        if protocols:
+            final = final_protocols(s)
+            cells.append(" / ".join(_num(final[p]["normalized_score"], ".1f") if p in final else "-" for p in protocols))
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+        points = ", ".join(f"{h.get('env_steps', '?')}: {h['normalized_score']:.1f}" for h in s.get("history", []))
+        env_note = f" [{s.get('env_id')}]" if several_envs else ""
+        curves.append(f"- {s.get('exp_name')}{env_note} seed {s.get('seed')} "
+                      f"({s['final'].get('episodes', '?')} episodes per evaluation): {points}")
         ot_stats = {tag: sum(values) / len(values) for tag in OT_TAGS if (values := logged.get(f"ot/{tag}"))}
         if ot_stats:
-            ot_rows.append(f"| {s['exp_name']} | {s['seed']} | " + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
-    lines = rows + ["", "Normalized score at each evaluation (env steps: score):", *curves]
+            ot_rows.append(f"| {s.get('exp_name')} | {s.get('seed')} | "
+                           + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
+
+    aggregate_header = [group_by, "env", "seeds", "pre-trained score", "final score", "best score", "final success",
+                        "final score range (min-max)", "env steps", "mean wall (min)", "mean SPS",
+                        *(["final score per protocol (" + " / ".join(protocols) + ")"] if protocols else [])]
+    aggregate_rows = ["| " + " | ".join(aggregate_header) + " |", "|" + "---|" * len(aggregate_header)]
+    for a in aggregate(runs, group_by):
+        steps = sorted(set(a["env_steps"]))
+        cells = [a["group"], a["env_id"], str(a["seeds"]) + (f" ({a['runs']} runs)" if a["runs"] != a["seeds"] else ""),
+                 _mean_std(a["pretrained"], ".1f"), _mean_std(a["final"], ".1f"), _mean_std(a["best"], ".1f"),
+                 _mean_std(a["final_success"], ".2f"), f"{_num(a['final_min'], '.1f')}-{_num(a['final_max'], '.1f')}",
+                 "-" if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}",
+                 _num(a["wall_min"], ".0f"), _num(a["SPS"], ".0f")]
+        if protocols:
+            cells.append(" / ".join(_mean_std(a["protocols"].get(p, []), ".1f") for p in protocols))
+        aggregate_rows.append("| " + " | ".join(cells) + " |")
+
+    lines = [*rows, "", f"Over seeds, per (env, {group_by}): mean ± std (population std, ddof=0) over its runs:",
+             *aggregate_rows, "", "Normalized score at each evaluation (env steps: score):", *curves]
     if ot_rows:
         lines += ["", "OT fit, mean over the run's fits (held-out columns: evaluation iterations only):",
                   "| run | seed | " + " | ".join(OT_TAGS) + " |", "|" + "---|" * (len(OT_TAGS) + 2), *ot_rows]
@@ -74,29 +235,119 @@ def report(root: Path) -> str:
 
 
 OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_residual_a", "frac_zero_h",
-           "frac_states_all_zero_h", "keypoint_match_rate")
+           "frac_states_all_zero_h", "q_scale", "g_scale")
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    """Every TensorBoard scalar series of a run, read once."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every TensorBoard scalar series of a run, read once; {} when the run has no (readable) event files."""
+    if not any(Path(run_dir).glob("events.out.tfevents*")):
+        return {}
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    except Exception as error:  # a truncated or foreign events file should not hide the other runs
+        print(f"warning: could not read the TensorBoard events of {run_dir}: {error!r}", file=sys.stderr)
+        return {}
 
 
-if __name__ == "__main__":
+# ---------------------------------------------------------------------------------------------------------- plot
+def curves(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> dict[tuple[str, str], dict]:
+    """Per (env_id, group): the evaluations every seed has, aligned by iteration (history index when absent).
+
+    Returns {key: {"seeds": n, "env_steps": mean over seeds, <metric>: (mean, min, max) arrays}} for the metrics
+    success_rate and normalized_score. Evaluations that not every seed reached are left out, so that each point is
+    over the same seeds.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for _, s in runs:
+        groups.setdefault((str(s.get("env_id", "-")), str(s.get(group_by, "-"))), []).append(s)
+    out = {}
+    for key, members in groups.items():
+        by_iteration = [{h.get("iteration", i): h for i, h in enumerate(m.get("history", []))} for m in members]
+        common = sorted(set.intersection(*(set(b) for b in by_iteration)))
+        entry = {"seeds": len(members),
+                 "env_steps": np.array([np.mean([b[i]["env_steps"] for b in by_iteration]) for i in common])}
+        for metric in ("success_rate", "normalized_score"):
+            values = np.array([[b[i][metric] for b in by_iteration] for i in common], dtype=float)
+            values = values.reshape(len(common), len(members))
+            entry[metric] = (values.mean(axis=1), values.min(axis=1), values.max(axis=1))
+        out[key] = entry
+    return out
+
+
+def plot(roots: Path | Sequence[Path], out: Path, title: str | None = None, group_by: str = "exp_name",
+         size_in: tuple[float, float] = (11.0, 4.2), dpi: int = 100):
+    """Writes a PNG with two panels (success rate, normalized score) over env steps; returns the Figure.
+
+    One line per (env id, group): the mean over seeds, with a band from the min to the max over seeds. The image is
+    size_in * dpi pixels. Rendered with the Agg canvas directly, so it needs no display and leaves pyplot alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = load_summaries(roots)
+    if not runs:
+        raise SystemExit(f"no summary.json under {roots}")
+    data = curves(runs, group_by)
+    several_envs = len({env for env, _ in data}) > 1
+    fig = Figure(figsize=size_in, dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    panels = (("success_rate", "success rate", (-0.02, 1.02)), ("normalized_score", "normalized score", (-2, 102)))
+    for ax, (metric, label, ylim) in zip(axes, panels):
+        for color, ((env_id, name), d) in enumerate(sorted(data.items())):
+            mean, low, high = d[metric]
+            line_label = f"{name}{f' ({env_id})' if several_envs else ''}, {d['seeds']} seed{'s' * (d['seeds'] != 1)}"
+            ax.plot(d["env_steps"], mean, marker="o", markersize=3, color=f"C{color}", label=line_label)
+            ax.fill_between(d["env_steps"], low, high, color=f"C{color}", alpha=0.2, linewidth=0)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[1].legend(title="line: mean over seeds; band: min-max", fontsize=8, title_fontsize=8, loc="best")
+    envs = sorted({env for env, _ in data})
+    fig.suptitle(title or f"{', '.join(envs)}: evaluation over fine-tuning ({len(runs)} runs)")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)  # no bbox_inches="tight": the PNG keeps the figure's size
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run scripts x seeds; arguments after -- go to every script")
     run_parser.add_argument("--scripts", nargs="+", default=["otpr.py", "idql_baseline.py"])
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    run_parser.add_argument("--parallel", type=int, default=None, help="at most this many jobs at once (default: all)")
+    run_parser.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per job (default: 1)")
+    run_parser.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
+    run_parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     run_parser.add_argument("extra", nargs=argparse.REMAINDER)
-    report_parser = commands.add_parser("report", help="markdown table of every summary.json under a folder")
-    report_parser.add_argument("root", type=Path, nargs="?", default=Path("runs"))
-    parsed = parser.parse_args()
+    report_parser = commands.add_parser("report", help="markdown tables of every summary.json under the folders")
+    report_parser.add_argument("roots", type=Path, nargs="*", default=[Path("runs")])
+    report_parser.add_argument("--group-by", default="exp_name", help="summary.json key to aggregate seeds by")
+    plot_parser = commands.add_parser("plot", help="PNG of success rate and normalized score over env steps")
+    plot_parser.add_argument("roots", type=Path, nargs="*", default=[Path("runs")])
+    plot_parser.add_argument("--out", type=Path, required=True)
+    plot_parser.add_argument("--title", default=None)
+    plot_parser.add_argument("--group-by", default="exp_name", help="summary.json key that names a line")
+    parsed = parser.parse_args(argv)
     if parsed.command == "run":
-        run(parsed.scripts, parsed.seeds, [a for a in parsed.extra if a != "--"])
+        run(parsed.scripts, parsed.seeds, [a for a in parsed.extra if a != "--"], parsed.parallel, parsed.threads,
+            parsed.logs, parsed.poll)
+    elif parsed.command == "report":
+        print(report(parsed.roots, parsed.group_by))
     else:
-        print(report(parsed.root))
+        plot(parsed.roots, parsed.out, parsed.title, parsed.group_by)
+        print(f"wrote {parsed.out}")
+
+
+if __name__ == "__main__":
+    main()
