@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_dataset
-from utils.envs import check_env_id, make_env
+from utils.envs import make_env
 
 
 @dataclass
@@ -572,7 +572,6 @@ if __name__ == "__main__":
             resume_state = read_resume_state(args.resume, os.path.basename(__file__))
             args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
         check_args(args)
-        check_env_id(args.env_id, args.dataset_path is not None)
         dataset = load_dataset(args.env_id, args.dataset_source, args.dataset_path)
         chunks = make_chunk_transitions(dataset, args.chunk_size)
         pretrained_path = pretrained_checkpoint_path(args)

@@ -1,6 +1,7 @@
-"""otpr.py and idql_baseline.py end to end on Kitchen-Complete-v0 with a tiny budget (CPU, about a minute)."""
+"""otpr.py and idql_baseline.py end to end on Kitchen-Complete-v0 with a tiny budget (CPU, about two minutes)."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ TINY = [
     "--num-envs", "2", "--num-steps", "10", "--total-timesteps", "240", "--eval-episodes", "1", "--eval-frequency", "2",
     "--critic-warmup-iterations", "1", "--checkpoint-frequency", "1", "--replay-ratio", "0.2", "--num-candidates", "2",
     "--actor-hidden", "64", "64", "64", "--critic-hidden", "32", "32", "--critic-batch-size", "32",
-    "--actor-batch-size", "32",
+    "--actor-batch-size", "32", "--eval-protocols", "single", "select",
 ]
 OTPR_TINY = ["--ot-hidden", "32", "32", "--ot-batch-size", "32", "--num-keypoints", "16", "--ot-max-steps", "50"]
 ITERATIONS, ENV_STEPS = 3, 240  # 240 // (2 envs * 10 decisions * 4 actions per chunk)
@@ -48,18 +49,23 @@ def scalars(path: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+# otpr.py with IDQL's guidance, IDQL's actor objective and IDQL's evaluation is IDQL, random number for random number
+AS_IDQL = ["--exp-name", "otpr_as_idql", "--guidance", "advantage", "--actor-objective", "buffer"]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Runs otpr.py (which pre-trains and saves the shared checkpoint), then idql_baseline.py, which must reuse it."""
+    """otpr.py in IDQL's configuration pre-trains and saves the shared checkpoint; idql_baseline.py and otpr.py load it."""
     cwd = tmp_path_factory.mktemp("e2e")
-    otpr_log = finish(run("otpr.py", TINY + OTPR_TINY, cwd))
+    as_idql_log = finish(run("otpr.py", TINY + OTPR_TINY + AS_IDQL, cwd))
     idql_log = finish(run("idql_baseline.py", TINY, cwd))
-    return cwd, otpr_log, idql_log
+    otpr_log = finish(run("otpr.py", TINY + OTPR_TINY, cwd))
+    return cwd, as_idql_log, idql_log, otpr_log
 
 
 @pytest.mark.parametrize("exp_name", ["otpr", "idql_baseline"])
 def test_summary_tensorboard_and_checkpoints(workdir, exp_name):
-    cwd, _, _ = workdir
+    cwd = workdir[0]
     path = run_dir(cwd, exp_name)
     summary = json.loads((path / "summary.json").read_text())
     assert summary["env_steps"] == ENV_STEPS and summary["iterations"] == ITERATIONS
@@ -67,19 +73,23 @@ def test_summary_tensorboard_and_checkpoints(workdir, exp_name):
     for key in ("pretrained", "final", "best"):
         assert 0 <= summary[key]["success_rate"] <= 1 and 0 <= summary[key]["normalized_score"] <= 100
         assert summary[key]["episodes"] == 1
+    for entry in summary["history"]:  # the headline is the first protocol; every protocol is kept
+        assert set(entry["protocols"]) == {"single", "select"}
+        assert entry["normalized_score"] == entry["protocols"]["single"]["normalized_score"]
     assert summary["SPS"] > 0 and summary["wall_time_s"] > 0
     assert set(summary["time_per_iteration_s"]) == {"env", "sampling", "critic", "ot", "actor", "eval"}
     assert (summary["time_per_iteration_s"]["ot"] > 0) == (exp_name == "otpr")
 
     logged = scalars(path)
-    for tag in ("charts/success_rate", "charts/normalized_score", "charts/episodic_return"):
+    for tag in ("charts/success_rate", "charts/normalized_score", "charts/episodic_return",
+                "eval_single/normalized_score", "eval_select/success_rate"):
         assert len(logged[tag]) == 3
     for tag in ("charts/SPS", "losses/q", "losses/v", "losses/actor", "time/env", "time/critic"):
         assert tag in logged
     if exp_name == "otpr":
         for tag in ("ot/dual", "ot/residual_s", "ot/residual_a", "ot/steps", "ot/frac_states_all_zero_h"):
             assert len(logged[tag]) == ITERATIONS - 1  # fitted every iteration after the critic warm-up
-        for tag in ("ot/heldout_residual_s", "ot/heldout_residual_a", "ot/frac_zero_h", "ot/keypoint_match_rate"):
+        for tag in ("ot/heldout_residual_s", "ot/heldout_residual_a", "ot/frac_zero_h", "ot/q_scale", "ot/g_scale"):
             assert len(logged[tag]) == 1  # held-out checks on evaluation iterations (here iteration 2)
     else:
         assert not any(tag.startswith("ot/") for tag in logged)
@@ -89,32 +99,53 @@ def test_summary_tensorboard_and_checkpoints(workdir, exp_name):
     assert checkpoint["replay"]["size"] > ITERATIONS * 2 * 10  # demonstrations plus every online decision
     assert ("u_net" in checkpoint) == (exp_name == "otpr")
     assert (path / f"{exp_name}.pt").exists()
+    # the checkpoint holds the filled rows of the 1M-row buffer, not its whole storage
+    stored = checkpoint["replay"]["data"]["obs"]
+    assert stored.untyped_storage().nbytes() == stored.numel() * stored.element_size()
+    assert (path / "checkpoint.pt").stat().st_size < 20e6
 
 
 def test_both_methods_start_from_the_same_pretrained_policy(workdir):
-    cwd, otpr_log, idql_log = workdir
+    cwd, as_idql_log, idql_log, otpr_log = workdir
     otpr_summary = json.loads((run_dir(cwd, "otpr") / "summary.json").read_text())
     idql_summary = json.loads((run_dir(cwd, "idql_baseline") / "summary.json").read_text())
     assert otpr_summary["pretrained_checkpoint"] == idql_summary["pretrained_checkpoint"]
-    assert "saved the pre-trained policy" in otpr_log and "loaded the pre-trained policy" in idql_log
-    assert len(list((cwd / "pretrained").glob("*.pt"))) == 1
+    assert "saved the pre-trained policy" in as_idql_log
+    assert "loaded the pre-trained policy" in idql_log and "loaded the pre-trained policy" in otpr_log
+    assert len(list((cwd / "pretrained").glob("*"))) == 1  # and no partial pre-training state left behind
     # same checkpoint, seeds and deterministic evaluation: the same pre-trained score, episode for episode
     assert otpr_summary["pretrained"] == idql_summary["pretrained"]
 
 
+def test_otpr_in_idql_configuration_reproduces_idql_exactly(workdir):
+    """Same numbers although the otpr.py run pre-trained and the idql_baseline.py run loaded the policy: pre-training
+    leaves the random stream of the run untouched, and the OT parts draw from their own."""
+    cwd = workdir[0]
+    as_idql = json.loads((run_dir(cwd, "otpr_as_idql") / "summary.json").read_text())
+    idql = json.loads((run_dir(cwd, "idql_baseline") / "summary.json").read_text())
+    assert as_idql["history"] == idql["history"]
+    weights = [torch.load(run_dir(cwd, name) / f"{name}.pt", weights_only=False)["policy"]
+               for name in ("otpr_as_idql", "idql_baseline")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[1])
+    critics = [torch.load(run_dir(cwd, name) / "checkpoint.pt", weights_only=False)["qf"]
+               for name in ("otpr_as_idql", "idql_baseline")]
+    assert all(torch.equal(critics[0][key], critics[1][key]) for key in critics[1])
+
+
 def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
-    cwd, _, _ = workdir
+    cwd = workdir[0]
     (checkpoint,) = (cwd / "pretrained").glob("*.pt")
     state = torch.load(checkpoint, weights_only=False)
     state["meta"]["env_id"] = "Kitchen-Mixed-v0"
     torch.save(state, tmp_path / "other.pt")
     process = run("otpr.py", TINY + ["--pretrained-checkpoint", str(tmp_path / "other.pt")], tmp_path)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0 and "made for another task" in output and "Kitchen-Mixed-v0" in output
+    assert process.returncode == 2 and "made for another task" in output and "Kitchen-Mixed-v0" in output
+    assert "Traceback" not in output and not (tmp_path / "runs").exists()
 
 
 def test_resume_continues_an_interrupted_run(workdir):
-    cwd, _, _ = workdir
+    cwd = workdir[0]
     args = TINY + OTPR_TINY + ["--exp-name", "interrupted", "--total-timesteps", "400"]  # 5 iterations
     process = run("otpr.py", args, cwd)
     checkpoint_file = None
@@ -137,13 +168,76 @@ def test_resume_continues_an_interrupted_run(workdir):
     assert [entry["iteration"] for entry in summary["history"]] == [0, 2, 4, 5]
     final = torch.load(checkpoint_file, weights_only=False)
     assert final["replay"]["size"] == interrupted["replay"]["size"] + (5 - interrupted["iteration"]) * 2 * 10
+    # nothing logged is lost or doubled across the interruption: one critic loss per iteration
+    assert len(scalars(checkpoint_file.parent)["losses/q"]) == 5
+
+    # resuming the finished run only evaluates again: with the restored weights, not the pre-trained ones
+    finish(run("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
+    policy = torch.load(checkpoint_file.parent / "interrupted.pt", weights_only=False)["policy"]
+    assert all(torch.equal(policy[key], final["policy"][key]) for key in policy)
+    (pretrained,) = (cwd / "pretrained").glob("*.pt")
+    pretrained_policy = torch.load(pretrained, weights_only=False)["policy"]
+    assert not all(torch.equal(policy[key], pretrained_policy[key]) for key in policy)
+    again = json.loads((checkpoint_file.parent / "summary.json").read_text())
+    assert again["history"][-1]["protocols"] == summary["history"][-1]["protocols"]
 
 
 def test_resume_refuses_another_scripts_checkpoint(workdir):
-    cwd, _, _ = workdir
+    cwd = workdir[0]
     process = run("idql_baseline.py", ["--resume", str(run_dir(cwd, "otpr"))], cwd)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0 and "checkpoint of otpr.py" in output
+    assert process.returncode == 2 and "checkpoint of otpr.py" in output and "Traceback" not in output
+
+
+def test_interrupted_pretraining_continues_to_the_same_weights(tmp_path):
+    args = TINY[:4] + ["--pretrain-steps", "3000", "--pretrain-checkpoint-frequency", "100", "--total-timesteps", "0",
+                       "--num-envs", "1", "--eval-episodes", "1", "--actor-hidden", "64", "64", "64",
+                       "--pretrained-dir", "pretrained"]
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    whole = run("otpr.py", args, tmp_path / "whole")
+    cut = run("otpr.py", args, tmp_path / "cut")
+    for _ in range(600):  # interrupt as soon as the first partial state is on disk
+        if list((tmp_path / "cut" / "pretrained").glob("*.partial.pt")):
+            break
+        assert cut.poll() is None, cut.communicate()[0]
+        time.sleep(0.1)
+    cut.kill()
+    cut.communicate()
+    assert not list((tmp_path / "cut" / "pretrained").glob("*[0-9a-f].pt"))  # it was cut before the end
+    assert "continuing the interrupted pre-training" in finish(run("otpr.py", args, tmp_path / "cut"))
+    finish(whole)
+    (whole_file,) = (tmp_path / "whole" / "pretrained").glob("*.pt")
+    (cut_file,) = (tmp_path / "cut" / "pretrained").glob("*.pt")  # the partial state is gone
+    a, b = (torch.load(f, weights_only=False) for f in (whole_file, cut_file))
+    assert all(torch.equal(a["policy"][key], b["policy"][key]) for key in a["policy"])
+    assert a["meta"]["losses"] == b["meta"]["losses"]
+
+
+BAD_INPUT = [
+    (["--num-envs", "0"], "--num-envs must be positive"),
+    (["--total-timesteps", "-5"], "--total-timesteps must be at least 0"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be positive"),
+    (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+    (["--env-id", "Kitchen-Compleat-v0"], "Unknown env id 'Kitchen-Compleat-v0'"),
+    (["--resume", "runs/no_such_run"], "no checkpoint at runs/no_such_run"),
+    (["--dataset-path", "notes.txt"], "Cannot read notes.txt as HDF5"),
+]
+
+
+@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
+@pytest.mark.parametrize("flags, message", BAD_INPUT, ids=[flags[0] for flags, _ in BAD_INPUT])
+def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys, script, flags, message):
+    """In-process (runpy), so that seven cases cost no interpreter start each."""
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
 
 
 def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
