@@ -4,8 +4,9 @@
 
 Builds the Eq. 12-14 problem on the real kitchen demonstrations twice, with otpr.py's defaults: (a) the joint masked
 problem, K keypoint pairs prepended to N replay states and actions with the keypoint mask, and (b) the replay block
-alone under the same keypoint-guided cost. Each is refitted on fresh draws for a few rounds (warm-started), and the
-plan is checked on held-out draws. Q is an untrained critic, so the cost is mostly the keypoint guidance.
+alone under the same keypoint-guided cost, at the epsilon the masked problem gives it (otpr.keypoint_mass). Each is
+refitted on fresh draws for a few rounds (warm-started), and the plan is checked on held-out draws. Q is an untrained
+critic, so the cost is mostly the keypoint guidance.
 """
 import time
 
@@ -48,13 +49,14 @@ def main(rounds: int = 4, max_steps: int = 3000) -> None:
         for round_ in range(rounds):
             states, acts, cost, mask = problem(joint)
             spread = cost[mask > 0].std() if joint else cost.std()
+            epsilon = args.ot_epsilon if joint else cost_fn.epsilon
             start = time.perf_counter()
-            fit = otpr.fit_potentials(u_net, v_net, optimizer, states, acts, cost / spread, args.ot_epsilon, mask,
+            fit = otpr.fit_potentials(u_net, v_net, optimizer, states, acts, cost / spread, epsilon, mask,
                                       max_steps=max_steps, tolerance=args.ot_tolerance)
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 states, acts, cost, mask = problem(joint)
-                h = otpr.compatibility(u_net(states), v_net(acts).T, cost / spread, args.ot_epsilon)
+                h = otpr.compatibility(u_net(states), v_net(acts).T, cost / spread, epsilon)
                 heldout = otpr.marginal_residuals(h, mask)
             print(f"{'joint masked' if joint else 'replay block'} round {round_}: {fit['steps']} steps in "
                   f"{seconds:.1f} s, fit residuals {fit['residual_s']:.3f} / {fit['residual_a']:.3f}, "
