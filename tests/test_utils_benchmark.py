@@ -1,6 +1,4 @@
 import json
-import sys
-import time
 
 import numpy as np
 import pytest

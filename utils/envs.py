@@ -18,7 +18,7 @@ notifications["gymnasium_robotics"] = {
 }
 import gymnasium_robotics  # noqa: E402
 from gymnasium_robotics.envs.franka_kitchen.kitchen_env import (  # noqa: E402
-    BONUS_THRESH,
+    BONUS_THRESH,  # noqa: F401  (re-exported: utils.datasets must not import gymnasium_robotics before this module)
     OBS_ELEMENT_GOALS,
     OBS_ELEMENT_INDICES,
 )
