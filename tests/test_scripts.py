@@ -12,7 +12,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ["D4RL_DATASET_DIR"])  # made absolute by conftest.py
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
     "--num-envs", "2", "--num-steps", "10", "--total-timesteps", "240", "--eval-episodes", "1", "--eval-frequency", "2",
@@ -22,8 +21,6 @@ TINY = [
 ]
 OTPR_TINY = ["--ot-hidden", "32", "32", "--ot-batch-size", "32", "--num-keypoints", "16", "--ot-max-steps", "50"]
 ITERATIONS, ENV_STEPS = 3, 240  # 240 // (2 envs * 10 decisions * 4 actions per chunk)
-
-pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"D4RL kitchen data not found in {DATA_DIR}")
 
 
 def run(script: str, args: list[str], cwd: Path, **kwargs):
