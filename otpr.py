@@ -726,6 +726,9 @@ def read_resume_state(resume: str, script: str) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("script") != script:
         raise ValueError(f"{path} is a checkpoint of {state.get('script')}: resume it with that script")
+    if "rng" not in state:
+        raise ValueError(f"{path} was written by an older version of {script}, whose state this version cannot "
+                         "restore: start a new run")
     return state
 
 

@@ -218,6 +218,7 @@ BAD_INPUT = [
     (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
     (["--env-id", "Kitchen-Compleat-v0"], "Unknown env id 'Kitchen-Compleat-v0'"),
     (["--resume", "runs/no_such_run"], "no checkpoint at runs/no_such_run"),
+    (["--resume", "old_run"], "written by an older version"),
     (["--dataset-path", "notes.txt"], "Cannot read notes.txt as HDF5"),
 ]
 
@@ -225,8 +226,10 @@ BAD_INPUT = [
 @pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
 @pytest.mark.parametrize("flags, message", BAD_INPUT, ids=[flags[0] for flags, _ in BAD_INPUT])
 def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys, script, flags, message):
-    """In-process (runpy), so that seven cases cost no interpreter start each."""
+    """In-process (runpy), so that the cases cost no interpreter start each."""
     (tmp_path / "notes.txt").write_text("not a dataset")
+    (tmp_path / "old_run").mkdir()
+    torch.save({"script": script, "torch_rng": torch.get_rng_state()}, tmp_path / "old_run" / "checkpoint.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *flags])
     with pytest.raises(SystemExit) as exit_info:
