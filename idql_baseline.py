@@ -60,7 +60,7 @@ class Args:
     actor_hidden: tuple[int, ...] = (512, 512, 512)
     """hidden widths of the residual denoising MLP (DPPO's DiffusionMLP)"""
     pretrain_steps: int = 80000
-    """behaviour-cloning gradient steps (DPPO's kitchen recipe; see docs/pretraining.md for the sweep)"""
+    """behaviour-cloning gradient steps (DPPO's kitchen recipe; docs/kitchen_complete.md has the sweep)"""
     pretrain_batch_size: int = 128
     """minibatch size of behaviour-cloning pre-training"""
     pretrain_lr: float = 1e-3
