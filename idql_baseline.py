@@ -482,11 +482,13 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
     device = next(policy.parameters()).device
     path.parent.mkdir(parents=True, exist_ok=True)
     partial_path = path.with_suffix(".partial.pt")
+    start = time.time()
     with torch.random.fork_rng():
         losses = pretrain(policy, obs_normalizer.normalize(chunks["obs"].to(device)),
                           action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path)
     meta = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1],
-            "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses}
+            "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses,
+            "seconds": time.time() - start}  # of this process, when an interrupted pre-training was continued
     checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
                   "action_normalizer": action_normalizer.state_dict()}
     save_checkpoint(path, checkpoint)

@@ -151,3 +151,21 @@ def test_run_skips_a_seeds_other_scripts_when_its_first_script_fails(tmp_path):
     with pytest.raises(SystemExit, match="failed or skipped"):
         run([str(tmp_path / "broken.py"), scripts[1]], [1], [], logs=tmp_path / "logs", poll_s=0.01)
     assert not record.exists()
+
+
+def test_speed_measures_env_only_and_training_sps_and_splits_the_ot_phase(capsys):
+    """A tiny real run of otpr.py (one env, two iterations, small networks): the numbers are consistent."""
+    tiny = ["--critic-hidden", "32", "32", "--actor-hidden", "64", "64", "64", "--actor-batch-size", "32",
+            "--critic-batch-size", "32", "--ot-batch-size", "32", "--num-keypoints", "16", "--ot-hidden", "32", "32",
+            "--replay-ratio", "0.1"]
+    main(["speed", "--num-envs", "1", "--iterations", "2", "--env-seconds", "2", "--pretrain-steps", "30", "--", *tiny])
+    output = capsys.readouterr().out
+    result = json.loads(output[: output.index("\n|")])
+    assert result["iterations"] == 2 and result["num_envs"] == 1
+    assert list(result["seconds_per_iteration"]) == ["env", "sampling", "critic", "OT cost matrix", "OT fit", "actor"]
+    assert all(value >= 0 for value in result["seconds_per_iteration"].values())
+    assert result["env_only_sps"] > 0 and result["pretrain_steps_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["training_sps"] / result["env_only_sps"])
+    # training does what env-only stepping does and more: it cannot be faster
+    assert result["training_sps"] < result["env_only_sps"]
+    assert "| otpr.py | cpu | 1 |" in output

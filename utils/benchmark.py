@@ -4,6 +4,7 @@
         -- --total-timesteps 100000
     python -m utils.benchmark report runs [more_roots ...] [--group-by exp_name]
     python -m utils.benchmark plot runs [more_roots ...] --out docs/kitchen_complete.png [--title TITLE]
+    python -m utils.benchmark speed [--device cuda|cpu] [--num-envs N] [--script otpr.py] [-- more script flags]
 
 `run` starts up to --parallel (script, seed) jobs at once (default: all of them) with --threads torch/OpenMP threads
 each (default 1: on a 2-core CPU more threads only contend; on a 16-core GPU machine e.g. --parallel 8 --threads 2).
@@ -14,6 +15,10 @@ runs/benchmark_logs/<script>__seed<seed>.log.
 `report` prints one row per run (every <root>/*/summary.json), then one row per (env id, exp name) aggregated over
 its seeds, then each run's score at every evaluation. `plot` draws success rate and normalized score over env steps,
 one line per exp name (mean over seeds, band from the min to the max over seeds).
+
+`speed` measures, on this machine, the env-only SPS (random actions, the same vector env as training), the training
+SPS of a short run of the script at its default sizes (evaluation excluded), their ratio, the seconds per iteration of
+every phase with the OT phase split into its cost matrix and its potential fit, and pre-training steps per second.
 """
 import argparse
 import json
@@ -319,6 +324,97 @@ def plot(roots: Path | Sequence[Path], out: Path, title: str | None = None, grou
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------------------- speed
+def env_only_sps(env_id: str, num_envs: int, chunk_size: int, seconds: float) -> float:
+    """Env steps per second of the training loop's vector env under uniformly random action chunks."""
+    import gymnasium as gym
+
+    from utils.envs import make_env
+
+    env_fns = [make_env(env_id, 0, i, chunk_size) for i in range(num_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _, _, terminated, truncated, info = envs.step(envs.action_space.sample())
+        chunk_steps = info["chunk_steps"].copy()  # counted as the training loop counts them
+        done = terminated | truncated
+        chunk_steps[done] = info["final_info"]["chunk_steps"][done] if done.any() else chunk_steps[done]
+        steps += int(chunk_steps.sum())
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return steps / elapsed
+
+
+def ot_cost_seconds(module, args, obs_dim: int, action_dim: int, device: str, repeats: int = 5) -> float:
+    """Seconds to build one iteration's OT cost matrix (all ot_batch_size^2 pairs through the target critics) with the
+    run's sizes, timed alone on random data: the rest of the run's OT phase is the potential fit."""
+    import torch
+
+    qf = module.TwinQ(obs_dim, action_dim, args.critic_hidden).to(device)
+    keypoints = torch.randn(args.num_keypoints, obs_dim, device=device), torch.randn(args.num_keypoints, action_dim, device=device)
+    cost = module.TransportCost(*keypoints, args).to(device)
+    states = torch.randn(args.ot_batch_size, obs_dim, device=device)
+    actions = torch.rand(args.ot_batch_size, action_dim, device=device) * 2 - 1
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cost(qf, states, actions, all_pairs=True, rescale=True)  # warm-up
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        cost(qf, states, actions, all_pairs=True, rescale=True)
+    synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def speed(script: str = "otpr.py", device: str = "cpu", num_envs: int = 2, iterations: int = 4, env_seconds: float = 20.0,
+          pretrain_steps: int = 500, extra: Sequence[str] = ()) -> dict:
+    """One measurement of where the time goes; returns the numbers it prints (see the module docstring)."""
+    import importlib
+    import tempfile
+
+    module = importlib.import_module(Path(script).stem)
+    workdir = Path(tempfile.mkdtemp(prefix="speed_"))
+    steps_per_iteration = num_envs * module.Args().num_steps * module.Args().chunk_size
+    command = [sys.executable, str(Path(script).resolve()), "--exp-name", "speed", "--num-envs", str(num_envs),
+               "--total-timesteps", str(iterations * steps_per_iteration), "--critic-warmup-iterations", "0",
+               "--eval-episodes", str(num_envs), "--eval-frequency", str(10**9), "--pretrain-steps", str(pretrain_steps),
+               "--pretrain-checkpoint-frequency", str(10**9), "--checkpoint-frequency", "1",
+               *(["--no-cuda"] if device == "cpu" else []), *extra]
+    subprocess.run(command, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ((run_dir, summary),) = load_summaries(workdir / "runs")
+    (pretrained,) = (workdir / "runs" / "pretrained").glob("*.pt")
+    import torch
+
+    meta = torch.load(pretrained, weights_only=False)["meta"]
+    run_args = module.Args(**torch.load(run_dir / "checkpoint.pt", weights_only=False)["args"])
+    phases = dict(summary["time_per_iteration_s"])
+    train_seconds = summary["wall_time_s"] - phases.pop("eval") * summary["iterations"]
+    if phases.get("ot", 0) > 0:  # the OT phase, in its place, split in two
+        cost = ot_cost_seconds(module, run_args, meta["obs_dim"], meta["action_dim"], device)
+        split = {"OT cost matrix": cost, "OT fit": max(0.0, phases["ot"] - cost)}
+        phases = {k: v for key, value in phases.items() for k, v in (split.items() if key == "ot" else [(key, value)])}
+    phases.pop("ot", None)
+    result = {"script": script, "device": device, "num_envs": num_envs, "iterations": summary["iterations"],
+              "env_only_sps": env_only_sps(summary["env_id"], num_envs, run_args.chunk_size, env_seconds),
+              "training_sps": summary["env_steps"] / train_seconds, "seconds_per_iteration": phases,
+              "pretrain_steps_per_s": pretrain_steps / meta["seconds"]}
+    result["ratio"] = result["training_sps"] / result["env_only_sps"]
+    return result
+
+
+def speed_table(result: dict) -> str:
+    phases = result["seconds_per_iteration"]
+    return "\n".join([
+        "| script | device | envs | env-only SPS | training SPS | ratio | " + " | ".join(phases) + " (s per iteration) | pre-training steps/s |",
+        "|" + "---|" * (7 + len(phases)),
+        f"| {result['script']} | {result['device']} | {result['num_envs']} | {result['env_only_sps']:.0f} | "
+        f"{result['training_sps']:.0f} | {result['ratio']:.2f} | " + " | ".join(f"{v:.2f}" for v in phases.values())
+        + f" | {result['pretrain_steps_per_s']:.0f} |",
+    ])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -338,12 +434,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_parser.add_argument("--out", type=Path, required=True)
     plot_parser.add_argument("--title", default=None)
     plot_parser.add_argument("--group-by", default="exp_name", help="summary.json key that names a line")
+    speed_parser = commands.add_parser("speed", help="env-only and training SPS, time per phase, pre-training speed")
+    speed_parser.add_argument("--script", default="otpr.py")
+    speed_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    speed_parser.add_argument("--num-envs", type=int, default=2)
+    speed_parser.add_argument("--iterations", type=int, default=4, help="training iterations timed (default: 4)")
+    speed_parser.add_argument("--env-seconds", type=float, default=20.0, help="seconds of env-only stepping")
+    speed_parser.add_argument("--pretrain-steps", type=int, default=500, help="pre-training steps timed")
+    speed_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the script")
     parsed = parser.parse_args(argv)
     if parsed.command == "run":
         run(parsed.scripts, parsed.seeds, [a for a in parsed.extra if a != "--"], parsed.parallel, parsed.threads,
             parsed.logs, parsed.poll)
     elif parsed.command == "report":
         print(report(parsed.roots, parsed.group_by))
+    elif parsed.command == "speed":
+        result = speed(parsed.script, parsed.device, parsed.num_envs, parsed.iterations, parsed.env_seconds,
+                       parsed.pretrain_steps, [a for a in parsed.extra if a != "--"])
+        print(json.dumps(result, indent=2))
+        print(speed_table(result))
     else:
         plot(parsed.roots, parsed.out, parsed.title, parsed.group_by)
         print(f"wrote {parsed.out}")
