@@ -21,11 +21,13 @@ SPS of a short run of the script at its default sizes (evaluation excluded), the
 every phase with the OT phase split into its cost matrix and its potential fit, and pre-training steps per second.
 """
 import argparse
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,13 +150,18 @@ def _mean_std(values: Sequence[float], spec: str) -> str:
     return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values, ddof=0)), spec)}"
 
 
-def aggregate(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> list[dict]:
-    """One dict per (env_id, summary[group_by]) over its runs: the numbers of the aggregate table (std: ddof=0)."""
+def group_runs(runs: list[tuple[Path, dict]], group_by: str) -> dict[tuple[str, str], list[dict]]:
+    """The summaries of the runs, keyed by (env_id, summary[group_by]), in the order of `runs`."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for _, s in runs:
         groups.setdefault((str(s.get("env_id", "-")), str(s.get(group_by, "-"))), []).append(s)
+    return groups
+
+
+def aggregate(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> list[dict]:
+    """One dict per (env_id, summary[group_by]) over its runs: the numbers of the aggregate table (std: ddof=0)."""
     rows = []
-    for (env_id, name), members in groups.items():
+    for (env_id, name), members in group_runs(runs, group_by).items():
         score = lambda key: [m[key]["normalized_score"] for m in members if key in m]
         final = np.array(score("final"), dtype=float)
         protocols: dict[str, list[float]] = {}
@@ -266,11 +273,8 @@ def curves(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> dict[tu
     success_rate and normalized_score. Evaluations that not every seed reached are left out, so that each point is
     over the same seeds.
     """
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for _, s in runs:
-        groups.setdefault((str(s.get("env_id", "-")), str(s.get(group_by, "-"))), []).append(s)
     out = {}
-    for key, members in groups.items():
+    for key, members in group_runs(runs, group_by).items():
         by_iteration = [{h.get("iteration", i): h for i, h in enumerate(m.get("history", []))} for m in members]
         common = sorted(set.intersection(*(set(b) for b in by_iteration)))
         entry = {"seeds": len(members),
@@ -323,7 +327,6 @@ def plot(roots: Path | Sequence[Path], out: Path, title: str | None = None, grou
     return fig
 
 
-# ----------------------------------------------------------------------------------------------------------- CLI
 # --------------------------------------------------------------------------------------------------------- speed
 def env_only_sps(env_id: str, num_envs: int, chunk_size: int, seconds: float) -> float:
     """Env steps per second of the training loop's vector env under uniformly random action chunks."""
@@ -341,7 +344,8 @@ def env_only_sps(env_id: str, num_envs: int, chunk_size: int, seconds: float) ->
         _, _, terminated, truncated, info = envs.step(envs.action_space.sample())
         chunk_steps = info["chunk_steps"].copy()  # counted as the training loop counts them
         done = terminated | truncated
-        chunk_steps[done] = info["final_info"]["chunk_steps"][done] if done.any() else chunk_steps[done]
+        if done.any():
+            chunk_steps[done] = info["final_info"]["chunk_steps"][done]
         steps += int(chunk_steps.sum())
     elapsed = time.perf_counter() - start
     envs.close()
@@ -371,24 +375,21 @@ def ot_cost_seconds(module, args, obs_dim: int, action_dim: int, device: str, re
 def speed(script: str = "otpr.py", device: str = "cpu", num_envs: int = 2, iterations: int = 4, env_seconds: float = 20.0,
           pretrain_steps: int = 500, extra: Sequence[str] = ()) -> dict:
     """One measurement of where the time goes; returns the numbers it prints (see the module docstring)."""
-    import importlib
-    import tempfile
+    import torch
 
     module = importlib.import_module(Path(script).stem)
-    workdir = Path(tempfile.mkdtemp(prefix="speed_"))
     steps_per_iteration = num_envs * module.Args().num_steps * module.Args().chunk_size
     command = [sys.executable, str(Path(script).resolve()), "--exp-name", "speed", "--num-envs", str(num_envs),
                "--total-timesteps", str(iterations * steps_per_iteration), "--critic-warmup-iterations", "0",
                "--eval-episodes", str(num_envs), "--eval-frequency", str(10**9), "--pretrain-steps", str(pretrain_steps),
                "--pretrain-checkpoint-frequency", str(10**9), "--checkpoint-frequency", "1",
                *(["--no-cuda"] if device == "cpu" else []), *extra]
-    subprocess.run(command, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ((run_dir, summary),) = load_summaries(workdir / "runs")
-    (pretrained,) = (workdir / "runs" / "pretrained").glob("*.pt")
-    import torch
-
-    meta = torch.load(pretrained, weights_only=False)["meta"]
-    run_args = module.Args(**torch.load(run_dir / "checkpoint.pt", weights_only=False)["args"])
+    with tempfile.TemporaryDirectory(prefix="speed_") as workdir:
+        subprocess.run(command, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ((run_dir, summary),) = load_summaries(Path(workdir) / "runs")
+        (pretrained,) = (Path(workdir) / "runs" / "pretrained").glob("*.pt")
+        meta = torch.load(pretrained, weights_only=False)["meta"]
+        run_args = module.Args(**torch.load(run_dir / "checkpoint.pt", weights_only=False)["args"])
     phases = dict(summary["time_per_iteration_s"])
     train_seconds = summary["wall_time_s"] - phases.pop("eval") * summary["iterations"]
     if phases.get("ot", 0) > 0:  # the OT phase, in its place, split in two
@@ -415,6 +416,7 @@ def speed_table(result: dict) -> str:
     ])
 
 
+# ----------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
