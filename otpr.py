@@ -319,14 +319,13 @@ class DiffusionPolicy(nn.Module):
         for name, value in schedule.items():
             self.register_buffer(name, value.float())
 
-    def loss(self, actions, obs, weights=None):
-        """Denoising score matching with w(t) = 1 (Eq. 7 in noise-prediction form, Eq. 21); `weights` per pair (Eq. 10)."""
+    def loss(self, actions, obs):
+        """Denoising score matching with w(t) = 1 (Eq. 7 in noise-prediction form, Eq. 21), one value per pair."""
         k = torch.randint(self.num_steps, (len(actions),), device=actions.device)
         noise = torch.randn_like(actions)
         abar = self.alphas_cumprod[k][:, None]
         noisy = abar.sqrt() * actions + (1 - abar).sqrt() * noise
-        per_sample = F.mse_loss(self.network(noisy, k, obs), noise, reduction="none").mean(-1)
-        return per_sample.mean() if weights is None else (weights * per_sample).mean()
+        return F.mse_loss(self.network(noisy, k, obs), noise, reduction="none").mean(-1)
 
     @torch.no_grad()
     def sample(self, obs, deterministic: bool = False, min_std: float = 0.0, noise_clip: float = 3.0, generator=None):
@@ -563,34 +562,52 @@ def select_candidates(obs, policy, weigh, args: Args, deterministic: bool = Fals
     return candidates[torch.arange(n, device=obs.device), choice], all_zero
 
 
-def actor_loss(policy, replay, weigh, transport_cost: TransportCost, args: Args):
-    """The score-matching loss of one actor update, by --actor-objective:
+def actor_minibatches(policy, replay, weigh, args: Args, num_updates: int):
+    """The (states, action chunks, guidance weights or None) of each actor update of one iteration, by --actor-objective:
     resampled: Sec. 4.4, S policy samples per replay state, one drawn in proportion to the guidance, as DSM targets;
-    plan: Eq. 10, DSM on every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted
-        by the guidance (with OT: the plan density H, so this is DSM on the plan's conditional, Theorem 4.3);
-    aligned: DSM on the buffer's own (s, a) pairs weighted by the guidance;
-    buffer: the released code's unweighted DSM on buffer pairs (OT acts only through what was executed).
-    Guidance weights are normalised to mean 1. In masked mode the plan's keypoint block adds DSM on the keypoint pairs
-    with its mass K / (K + N) (keypoint_mass), so every keypoint state is matched to its own action."""
-    if args.actor_objective == "plan":
-        n = math.isqrt(args.actor_batch_size)
-        obs = replay.sample(n, ("obs",))["obs"][:, None].expand(-1, n, -1)
-        actions = replay.sample(n, ("actions",))["actions"][None].expand(n, -1, -1)
-        obs, actions, weights = obs.reshape(n * n, -1), actions.reshape(n * n, -1), weigh(obs, actions).reshape(-1)
-    else:
-        batch = replay.sample(args.actor_batch_size, ("obs", "actions"))
-        obs, actions, weights = batch["obs"], batch["actions"], None
-        if args.actor_objective == "resampled":
-            actions, _ = select_candidates(obs, policy, weigh, args)
-        elif args.actor_objective == "aligned":
-            weights = weigh(obs, actions)
+    plan: Eq. 10, every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted by the
+        guidance (with OT: the plan density H, so this is DSM on the plan's conditional, Theorem 4.3);
+    aligned: the buffer's own (s, a) pairs weighted by the guidance. The critics and potentials stay fixed through the
+        actor updates, and so does every pair's weight: it is computed once per distinct buffer row that the
+        iteration's minibatches draw (with the default budget at most a ninth of the draws);
+    buffer: the released code's unweighted buffer pairs (OT acts only through what was executed).
+    Minibatches are made as the updates ask for them: `resampled` samples the policy of the current update."""
+    if args.actor_objective == "aligned":
+        idx = torch.randint(replay.size, (num_updates, args.actor_batch_size), device=replay.data["obs"].device)
+        rows, position = idx.unique(return_inverse=True)
+        weights = weigh(replay.data["obs"][rows], replay.data["actions"][rows])[position]
+        for update in range(num_updates):
+            yield replay.data["obs"][idx[update]], replay.data["actions"][idx[update]], weights[update]
+        return
+    for update in range(num_updates):
+        if args.actor_objective == "plan":
+            n = math.isqrt(args.actor_batch_size)
+            obs = replay.sample(n, ("obs",))["obs"][:, None].expand(-1, n, -1)
+            actions = replay.sample(n, ("actions",))["actions"][None].expand(n, -1, -1)
+            yield obs.reshape(n * n, -1), actions.reshape(n * n, -1), weigh(obs, actions).reshape(-1)
+        else:
+            batch = replay.sample(args.actor_batch_size, ("obs", "actions"))
+            if args.actor_objective == "resampled":
+                batch["actions"], _ = select_candidates(batch["obs"], policy, weigh, args)
+            yield batch["obs"], batch["actions"], None
+
+
+def actor_loss(policy, obs, actions, weights, transport_cost: TransportCost, args: Args):
+    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10).
+    In masked mode the plan's keypoint block adds DSM on the keypoint pairs with its mass K / (K + N) (keypoint_mass),
+    so every keypoint state is matched to its own action; both blocks go through the network as one batch."""
+    with_keypoints = args.guidance == "ot" and args.actor_objective != "buffer" and keypoint_mass(args) > 0
+    if with_keypoints:
+        obs = torch.cat([obs, transport_cost.keypoint_obs])
+        actions = torch.cat([actions, transport_cost.keypoint_actions])
+    per_pair = policy.loss(actions, obs)
+    num_keypoints = len(transport_cost.keypoint_obs) if with_keypoints else 0
+    replay_part, keypoint_part = per_pair.split([len(per_pair) - num_keypoints, num_keypoints])
     if weights is not None:
-        weights = weights / weights.mean().clamp(min=1e-8)
-    loss = policy.loss(actions, obs, weights)
-    if args.guidance == "ot" and args.actor_objective != "buffer" and keypoint_mass(args) > 0:
-        keypoint_loss = policy.loss(transport_cost.keypoint_actions, transport_cost.keypoint_obs)
-        loss = (1 - keypoint_mass(args)) * loss + keypoint_mass(args) * keypoint_loss
-    return loss
+        replay_part = replay_part * weights / weights.mean().clamp(min=1e-8)
+    if not with_keypoints:
+        return replay_part.mean()
+    return (1 - keypoint_mass(args)) * replay_part.mean() + keypoint_mass(args) * keypoint_part.mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,7 +663,7 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
     """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning).
     Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
     continues from there to the same weights as an uninterrupted one."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.pretrain_lr, weight_decay=1e-6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.pretrain_lr, weight_decay=1e-6, fused=True)
     warmup = max(1, args.pretrain_steps // 100)
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -662,7 +679,7 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
         print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
     for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
         idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
-        loss = policy.loss(dataset_actions[idx], dataset_obs[idx])
+        loss = policy.loss(dataset_actions[idx], dataset_obs[idx]).mean()
         check_finite(loss, "pre-training loss", step)
         optimizer.zero_grad()
         loss.backward()
@@ -824,9 +841,10 @@ if __name__ == "__main__":
     qf = TwinQ(obs_dim, action_dim, args.critic_hidden).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     vf = mlp(obs_dim, args.critic_hidden, 1).to(device)
-    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
-    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr)
-    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=args.actor_lr)
+    # fused: one kernel updates every parameter, on the CPU as on the GPU (docs/speed.md)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=args.actor_lr, fused=True)
     replay = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
     if args.offline_data_in_buffer:
         replay.add(normalized_chunks)
@@ -837,7 +855,7 @@ if __name__ == "__main__":
     with torch.random.fork_rng():
         u_net = mlp(obs_dim, args.ot_hidden, 1, nn.SiLU).to(device)
         v_net = mlp(action_dim, args.ot_hidden, 1, nn.SiLU).to(device)
-    ot_optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=args.ot_lr)
+    ot_optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=args.ot_lr, fused=True)
     keypoint_idx = torch.randperm(len(normalized_chunks["obs"]), generator=torch.Generator().manual_seed(args.seed))
     keypoint_idx = keypoint_idx[: args.num_keypoints].to(device)
     transport_cost = TransportCost(normalized_chunks["obs"][keypoint_idx], normalized_chunks["actions"][keypoint_idx],
@@ -942,8 +960,8 @@ if __name__ == "__main__":
                 writer.add_scalar("ot/frac_states_all_zero_h", torch.stack(zero_h_states).mean().item(), global_step)
 
             tic = time.perf_counter()
-            for update in range(updates_per_iteration):
-                loss = actor_loss(policy, replay, weigh, transport_cost, args)
+            for obs_batch, actions_batch, weights in actor_minibatches(policy, replay, weigh, args, updates_per_iteration):
+                loss = actor_loss(policy, obs_batch, actions_batch, weights, transport_cost, args)
                 actor_optimizer.zero_grad()
                 loss.backward()
                 actor_optimizer.step()

@@ -156,19 +156,22 @@ def bimodal_replay(module, n=512):
     return replay
 
 
+def train_actor(policy, replay, weigh, transport_cost, args, optimizer, num_updates):
+    """The actor phase of one iteration, as otpr.py runs it."""
+    for obs, actions, weights in otpr.actor_minibatches(policy, replay, weigh, args, num_updates):
+        loss = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @pytest.fixture(scope="module")
 def bimodal_policy():
     """A small diffusion policy behaviour-cloned on the bimodal replay buffer."""
     torch.manual_seed(0)
     args = otpr.Args(actor_hidden=(64, 64, 64), denoising_steps=10, actor_batch_size=256, actor_objective="buffer")
     policy = otpr.DiffusionPolicy(1, 1, args)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    replay = bimodal_replay(otpr)
-    for _ in range(600):
-        loss = otpr.actor_loss(policy, replay, None, None, args)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_actor(policy, bimodal_replay(otpr), None, None, args, torch.optim.Adam(policy.parameters(), lr=3e-3), 600)
     return policy, args
 
 
@@ -190,50 +193,78 @@ def test_every_guided_objective_moves_the_policy_towards_the_weighted_actions(bi
     args = dataclasses.replace(args, actor_objective=objective, actor_batch_size=64, num_candidates=4,
                                guidance="advantage", min_sampling_std=0.05)
     weigh = lambda obs, actions: (actions[..., 0] > 0).float()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    replay = bimodal_replay(otpr)
     torch.manual_seed(1)
-    for _ in range(150):
-        loss = otpr.actor_loss(policy, replay, weigh, None, args)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_actor(policy, bimodal_replay(otpr), weigh, None, args, torch.optim.Adam(policy.parameters(), lr=1e-3), 150)
     assert fraction_positive(policy) > 0.9
 
 
-def test_masked_mode_adds_the_keypoint_block_with_its_plan_mass(bimodal_policy):
-    policy, _ = bimodal_policy
-    args = otpr.Args(actor_objective="aligned", num_keypoints=4, ot_batch_size=12, actor_batch_size=32)
-    keypoints = SimpleNamespace(keypoint_obs=torch.randn(4, 1), keypoint_actions=torch.rand(4, 1) * 2 - 1)
-    replay = bimodal_replay(otpr)
-    weigh = lambda obs, actions: 1 + (actions[..., 0] > 0).float()
+def test_aligned_minibatches_weigh_each_distinct_buffer_row_once_with_its_own_weight():
+    """The fast path (weights of the distinct rows drawn in the iteration) gives every minibatch the weights that
+    weighing the minibatch itself gives."""
     torch.manual_seed(0)
-    masked = otpr.actor_loss(policy, replay, weigh, keypoints, args)
-    torch.manual_seed(0)
-    replay_part = otpr.actor_loss(policy, replay, weigh, keypoints, dataclasses.replace(args, ot_mode="unsupervised"))
-    keypoint_part = policy.loss(keypoints.keypoint_actions, keypoints.keypoint_obs)
+    replay = otpr.ReplayBuffer(64, 3, 2, "cpu")
+    replay.add({"obs": torch.randn(40, 3), "actions": torch.rand(40, 2), "rewards": torch.zeros(40),
+                "next_obs": torch.zeros(40, 3), "terminated": torch.zeros(40)})
+    weighed = []
+
+    def weigh(obs, actions):
+        weighed.append(len(obs))
+        return obs.sum(-1) * actions.prod(-1)  # any function of the pair
+
+    args = otpr.Args(actor_objective="aligned", actor_batch_size=32)
+    minibatches = list(otpr.actor_minibatches(None, replay, weigh, args, num_updates=5))
+    assert len(weighed) == 1 and weighed[0] <= 40  # one call, on distinct rows only (5 x 32 draws from 40 rows)
+    for obs, actions, weights in minibatches:
+        assert obs.shape == (32, 3) and actions.shape == (32, 2)
+        torch.testing.assert_close(weights, obs.sum(-1) * actions.prod(-1))
+        # every pair is a buffer row, not a mix of one row's state and another's action
+        rows = (replay.data["obs"][:40, None] == obs[None]).all(-1).float().argmax(0)
+        torch.testing.assert_close(replay.data["actions"][rows], actions)
+
+
+def per_pair_stub(obs_dim=1):
+    """A policy whose per-pair DSM loss is a known function of the pair: its value is |a - s|^2."""
+    return SimpleNamespace(loss=lambda actions, obs: (actions - obs[:, :1]).pow(2).sum(-1))
+
+
+def test_actor_loss_weighs_pairs_by_guidance_normalised_to_mean_one():
+    obs, actions = torch.zeros(4, 1), torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # per-pair losses 1, 4, 9, 16
+    args = otpr.Args(actor_objective="aligned", ot_mode="unsupervised")
+    loss = lambda weights: otpr.actor_loss(per_pair_stub(), obs, actions, weights, None, args)
+    torch.testing.assert_close(loss(None), torch.tensor(7.5))
+    torch.testing.assert_close(loss(torch.tensor([0.0, 0.0, 0.0, 1.0])), torch.tensor(16.0))  # weight 4 after normalising
+    torch.testing.assert_close(loss(torch.tensor([1.0, 0.0, 1.0, 0.0])), loss(torch.tensor([5.0, 0.0, 5.0, 0.0])))
+    torch.testing.assert_close(loss(torch.tensor([1.0, 0.0, 1.0, 0.0])), torch.tensor(5.0))
+
+
+def test_masked_mode_adds_the_keypoint_block_with_its_plan_mass():
+    """(1 - m) x the weighted replay part + m x the keypoint part, m = K / (K + N); none in the `buffer` objective."""
+    args = otpr.Args(actor_objective="aligned", num_keypoints=2, ot_batch_size=6)
+    keypoints = SimpleNamespace(keypoint_obs=torch.zeros(2, 1), keypoint_actions=torch.tensor([[5.0], [7.0]]))
+    obs, actions, weights = torch.zeros(3, 1), torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0.0, 1.0, 2.0])
+    masked = otpr.actor_loss(per_pair_stub(), obs, actions, weights, keypoints, args)
     assert otpr.keypoint_mass(args) == 0.25
-    torch.testing.assert_close(masked, 0.75 * replay_part + 0.25 * keypoint_part)
-    # the released code's objective has no plan, hence no keypoint block
-    torch.manual_seed(0)
-    buffer_masked = otpr.actor_loss(policy, replay, weigh, keypoints, dataclasses.replace(args, actor_objective="buffer"))
-    torch.manual_seed(0)
-    batch = replay.sample(32, ("obs", "actions"))
-    torch.testing.assert_close(buffer_masked, policy.loss(batch["actions"], batch["obs"]))
+    replay_part = (torch.tensor([1.0, 4.0, 9.0]) * weights).mean()  # weights have mean 1
+    torch.testing.assert_close(masked, 0.75 * replay_part + 0.25 * torch.tensor(37.0))
+    unweighted = otpr.actor_loss(per_pair_stub(), obs, actions, None, keypoints, dataclasses.replace(args, actor_objective="buffer"))
+    torch.testing.assert_close(unweighted, torch.tensor(14 / 3))
 
 
-def test_weighted_score_matching_is_linear_in_the_weights(bimodal_policy):
+def test_score_matching_loss_is_one_value_per_pair_independent_of_the_batch(bimodal_policy):
+    """policy.loss returns a value per pair; a pair's value depends on that pair (and its own noise) only, so that
+    putting the keypoint block in the same batch as the replay pairs computes the same loss."""
     policy, _ = bimodal_policy
     obs, actions = torch.randn(6, 1), torch.rand(6, 1)
-    weights = torch.tensor([3.0, 0.0, 1.0, 0.5, 0.0, 2.0])
-
-    def loss(w):
-        torch.manual_seed(0)
-        return policy.loss(actions, obs, w)
-
-    per_pair = torch.stack([loss(torch.eye(6)[i]) for i in range(6)])
-    torch.testing.assert_close(loss(weights), (weights * per_pair).sum())
-    torch.testing.assert_close(loss(None), per_pair.sum())
+    torch.manual_seed(0)
+    together = policy.loss(actions, obs)
+    torch.manual_seed(0)
+    k = torch.randint(policy.num_steps, (6,))
+    noise = torch.randn_like(actions)
+    for i in range(6):
+        abar = policy.alphas_cumprod[k[i]]
+        noisy = abar.sqrt() * actions[i] + (1 - abar).sqrt() * noise[i]
+        alone = (policy.network(noisy[None], k[i : i + 1], obs[i : i + 1]) - noise[i]).pow(2).mean()
+        torch.testing.assert_close(together[i], alone)
 
 
 def test_q_guidance_is_normalised_per_state():

@@ -24,7 +24,7 @@ def policy():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3000)
     obs = torch.zeros(512, 1)
     for _ in range(3000):
-        loss = model.loss(mixture(512, generator), obs)
+        loss = model.loss(mixture(512, generator), obs).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
