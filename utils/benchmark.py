@@ -1,6 +1,6 @@
 """Run the methods side by side over seeds, report their summaries as markdown tables, and plot their curves.
 
-    python -m utils.benchmark run --scripts otpr.py idql_baseline.py --seeds 1 2 [--parallel N] [--threads T] \
+    python -m utils.benchmark run [--scripts otpr.py idql_baseline.py ...] --seeds 1 2 [--parallel N] [--threads T] \
         -- --total-timesteps 100000
     python -m utils.benchmark report runs [more_roots ...] [--group-by exp_name]
     python -m utils.benchmark plot runs [more_roots ...] --out docs/kitchen_complete.png [--title TITLE]
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+SCRIPTS = ("otpr.py", "idql_baseline.py", "dql_baseline.py", "qsm_baseline.py", "dppo_baseline.py")  # run's default
 PHASES = ("env", "sampling", "critic", "ot", "actor", "eval")  # the usual order; other phases follow in file order
 PHASE_NAMES = {"ot": "OT"}
 PRETRAINED_MARKER = "pre-trained policy"  # "saved the pre-trained policy to ..." / "loaded the pre-trained policy from ..."
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run scripts x seeds; arguments after -- go to every script")
-    run_parser.add_argument("--scripts", nargs="+", default=["otpr.py", "idql_baseline.py"])
+    run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS))
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     run_parser.add_argument("--parallel", type=int, default=None, help="at most this many jobs at once (default: all)")
     run_parser.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per job (default: 1)")

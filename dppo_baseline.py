@@ -1,0 +1,853 @@
+# DPPO (Ren et al., ICLR 2025, arXiv 2409.00588): PPO on the two-level MDP of environment decisions x denoising steps.
+# Docs and design decisions: docs/dppo.md. `diff idql_baseline.py dppo_baseline.py` shows what PPO replaces in IDQL.
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from utils.datasets import DatasetError, load_dataset
+from utils.envs import make_env
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the run name)"""
+    seed: int = 1
+    """seed of the experiment (also selects the shared pre-trained checkpoint)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and a GPU is present, run on it; otherwise fall back to the CPU with a message"""
+    capture_video: bool = False
+    """if toggled, record videos of the first evaluation env to `videos/<run_name>`"""
+    resume: Optional[str] = None
+    """a run directory or checkpoint file to continue from (its saved Args are used, except `cuda`)"""
+
+    # Task and data
+    env_id: str = "Kitchen-Complete-v0"
+    """the environment id: Kitchen-{Complete,Mixed,Partial}-v0, or any Gymnasium id with Box spaces plus --dataset-path"""
+    dataset_source: Literal["d4rl", "minari"] = "d4rl"
+    """where the demonstrations come from: D4RL's HDF5 files (D4RL_DATASET_DIR) or Minari's D4RL/kitchen datasets"""
+    dataset_path: Optional[str] = None
+    """an HDF5 file in D4RL's layout; overrides --dataset-source (required for non-kitchen env ids)"""
+    chunk_size: int = 4
+    """actions per policy decision (action chunk), all executed open-loop"""
+
+    # Diffusion policy and behaviour-cloning pre-training
+    denoising_steps: int = 20
+    """number of DDPM steps K (cosine schedule)"""
+    time_dim: int = 16
+    """width of the diffusion-step embedding"""
+    actor_hidden: tuple[int, ...] = (512, 512, 512)
+    """hidden widths of the residual denoising MLP (DPPO's DiffusionMLP)"""
+    pretrain_steps: int = 80000
+    """behaviour-cloning gradient steps (DPPO's kitchen recipe; docs/kitchen_complete.md has the sweep)"""
+    pretrain_batch_size: int = 128
+    """minibatch size of behaviour-cloning pre-training"""
+    pretrain_lr: float = 1e-3
+    """peak learning rate of pre-training (cosine decay to a tenth of it)"""
+    ema_decay: float = 0.995
+    """decay of the exponential moving average of the pre-trained weights (the EMA weights are fine-tuned)"""
+    pretrain_checkpoint_frequency: int = 5000
+    """save the pre-training state every this many steps; an interrupted pre-training continues from it"""
+    pretrained_dir: str = "runs/pretrained"
+    """folder of the shared pre-trained checkpoints, one per env, dataset, seed and pre-training config"""
+    pretrained_checkpoint: Optional[str] = None
+    """load this pre-trained checkpoint instead of the one derived from the config"""
+
+    # Online fine-tuning: DPPO's kitchen config (cfg/gym/finetune/kitchen-complete-v0/ft_ppo_diffusion_mlp.yaml), whose
+    # 40 envs x 70 decisions per iteration are collected here by 2 envs x 1400 decisions: the same on-policy batch with
+    # 2 env workers for a 2-core machine. `--num-envs 40 --num-steps 70` collects it as DPPO does (docs/dppo.md).
+    total_timesteps: int = 50000
+    """environment steps of online fine-tuning (0: evaluate the pre-trained policy only)"""
+    num_envs: int = 2
+    """parallel environments (asynchronous when more than one), for exploration and for evaluation"""
+    num_steps: int = 1400
+    """policy decisions per environment per iteration: the on-policy batch is num_envs x num_steps decisions"""
+    reset_at_iteration: bool = False
+    """if toggled, reset every exploration env at the start of every iteration (DPPO's option; off for the kitchen)"""
+    gamma: float = 0.99
+    """discount per decision (per chunk), also of the returns behind the running reward scale"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation over decisions"""
+    ft_denoising_steps: int = 10
+    """K': the last K' denoising steps run a trainable copy of the pre-trained network, the first K - K' the original"""
+    update_epochs: int = 10
+    """passes over the iteration's (decision, fine-tuned denoising step) pairs"""
+    num_minibatches: int = 5
+    """minibatches per pass over the num_envs x num_steps x K' pairs (5: DPPO's 5600 of 2800 decisions x 10 steps)"""
+    clip_coef: float = 0.01
+    """PPO ratio clip eps of the last denoising step (k = 0)"""
+    clip_coef_base: float = 0.01
+    """PPO ratio clip eps of the noisiest fine-tuned step (k = K'-1); DPPO's kitchen config: 0.01, robomimic: 0.001"""
+    clip_coef_rate: float = 3.0
+    """rate rho of the exponential growth of eps from --clip-coef-base (k = K'-1) to --clip-coef (k = 0)"""
+    gamma_denoising: float = 0.99
+    """discount over denoising steps: the advantage reaches step k weighted by gamma_denoising^k"""
+    target_kl: float = 1.0
+    """stop an iteration's updates once the approximate KL of a minibatch exceeds this"""
+    critic_hidden: tuple[int, ...] = (256, 256, 256)
+    """hidden widths of the residual state-value network (DPPO's CriticObs)"""
+    critic_lr: float = 1e-3
+    """learning rate of V"""
+    actor_lr: float = 1e-4
+    """learning rate of the fine-tuned copy of the denoising network"""
+    critic_warmup_iterations: int = 0
+    """iterations of value-only training before the policy is improved (DPPO's kitchen config: 0, robomimic: 2)"""
+    min_sampling_std: float = 0.1
+    """floor on the DDPM noise std of every denoising step while exploring (DPPO's 0.1, see docs/dppo.md)"""
+    min_logprob_std: float = 0.1
+    """floor on the std of the Gaussian denoising steps in the PPO likelihoods (DPPO's 0.1)"""
+    noise_clip: float = 3.0
+    """clip on the DDPM noise while exploring"""
+
+    # Evaluation, logging, checkpoints
+    eval_frequency: int = 10
+    """evaluate every this many iterations (iteration 0 evaluates the pre-trained policy)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (same initial states and noise every time)"""
+    eval_protocols: tuple[Literal["single"], ...] = ("single",)
+    """evaluation protocols: one DDIM sample per state through the frozen and fine-tuned networks (no Q for `select`)"""
+    checkpoint_frequency: int = 5
+    """save a resumable checkpoint every this many iterations"""
+
+
+# Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
+MAY_BE_ZERO = ("seed", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std")
+FRACTIONS = ("ema_decay", "gamma", "gae_lambda", "clip_coef", "clip_coef_base", "gamma_denoising")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: min-max normalisation, action chunks
+# ----------------------------------------------------------------------------------------------------------------
+class Normalizer:
+    """Maps the dataset's [min, max] of every dimension to [-1, 1]; near-constant dimensions keep a small scale."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, min_half_range: float = 1e-2):
+        self.center = torch.as_tensor((high + low) / 2, dtype=torch.float32)
+        self.half_range = torch.as_tensor(np.maximum((high - low) / 2, min_half_range), dtype=torch.float32)
+
+    def to(self, device):
+        self.center, self.half_range = self.center.to(device), self.half_range.to(device)
+        return self
+
+    def normalize(self, x):
+        return (x - self.center) / self.half_range
+
+    def unnormalize(self, x):
+        return x * self.half_range + self.center
+
+    def state_dict(self):
+        return {"center": self.center.cpu(), "half_range": self.half_range.cpu()}
+
+    def load_state_dict(self, state):
+        self.center, self.half_range = state["center"].to(self.center), state["half_range"].to(self.center)
+
+
+def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
+    """Cuts every episode into (s_t, a_{t:t+C}, reward sum, s_{t+C}, terminated) decisions, the rewards summed as
+    the online ActionChunk wrapper sums them. A chunk that would run past the episode end is kept only if the
+    episode terminated there (no s_{t+C} is needed then)."""
+    ends = np.flatnonzero(dataset["terminals"] | dataset["timeouts"])
+    ends = np.union1d(ends, [len(dataset["actions"]) - 1])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    obs, actions, rewards, next_obs, terminated = [], [], [], [], []
+    for start, end in zip(starts, ends):
+        length = end - start + 1
+        for t in range(length - chunk_size + 1):
+            last = t + chunk_size  # index (within the episode) of the next decision's state
+            if last == length and not dataset["terminals"][end]:
+                continue
+            obs.append(dataset["observations"][start + t])
+            actions.append(dataset["actions"][start + t : start + last].reshape(-1))
+            rewards.append(dataset["rewards"][start + t : start + last].sum())
+            next_obs.append(dataset["observations"][start + min(last, length - 1)])
+            terminated.append(last == length)
+    if not obs:
+        raise ValueError(f"the dataset has no episode of at least --chunk-size {chunk_size} steps")
+    as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return {"obs": as_tensor(obs), "actions": as_tensor(actions), "rewards": as_tensor(rewards),
+            "next_obs": as_tensor(next_obs), "terminated": as_tensor(terminated)}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("frequencies", torch.exp(-math.log(10000) * torch.arange(half) / (half - 1)))
+
+    def forward(self, k):
+        angles = k.float()[:, None] * self.frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation block y = x + W2 Mish(W1 Mish(x)), as in DPPO's residual MLP."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Mish(), nn.Linear(width, width), nn.Mish(), nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class DenoisingMLP(nn.Module):
+    """eps_theta(a_k, k, s): predicts the noise in a flattened noisy action chunk, given the step k and the state."""
+
+    def __init__(self, obs_dim: int, action_dim: int, time_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.time_embedding = nn.Sequential(
+            SinusoidalEmbedding(time_dim), nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim)
+        )
+        width = hidden[0]
+        self.input = nn.Linear(action_dim + time_dim + obs_dim, width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range((len(hidden) - 1) // 2)])
+        self.output = nn.Linear(width, action_dim)
+
+    def forward(self, noisy_actions, k, obs):
+        x = torch.cat([noisy_actions, self.time_embedding(k), obs], dim=-1)
+        return self.output(self.blocks(self.input(x)))
+
+
+class DiffusionPolicy(nn.Module):
+    """DDPM with a cosine schedule and noise prediction over normalised action chunks in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.action_dim, self.num_steps = action_dim, args.denoising_steps
+        self.network = DenoisingMLP(obs_dim, action_dim, args.time_dim, args.actor_hidden)
+        # Cosine schedule (Nichol & Dhariwal, 2021): abar(u) = cos^2(((u + s) / (1 + s)) * pi / 2), u = k / K.
+        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)
+        abar = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - abar[1:] / abar[:-1]).clamp(0, 0.999)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        schedule = {
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            # DDPM posterior q(a_{k-1} | a_k, a_0): mean = coef_x0 * a_0 + coef_xk * a_k, variance below.
+            "posterior_coef_x0": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_coef_xk": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+            "posterior_std": (betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)).sqrt(),
+        }
+        for name, value in schedule.items():
+            self.register_buffer(name, value.float())
+
+    def loss(self, actions, obs):
+        """Denoising score matching with w(t) = 1 (Eq. 7 in noise-prediction form, Eq. 21), one value per pair."""
+        k = torch.randint(self.num_steps, (len(actions),), device=actions.device)
+        noise = torch.randn_like(actions)
+        abar = self.alphas_cumprod[k][:, None]
+        noisy = abar.sqrt() * actions + (1 - abar).sqrt() * noise
+        return F.mse_loss(self.network(noisy, k, obs), noise, reduction="none").mean(-1)
+
+    @torch.no_grad()
+    def sample(self, obs, deterministic: bool = False, min_std: float = 0.0, noise_clip: float = 3.0, generator=None):
+        """Exploration: DDPM ancestral sampling with the noise std floored at `min_std` on every step (DPPO).
+        Deterministic: DDIM with eta = 0 on the same K steps, an ODE map from the initial noise to the action."""
+        x = torch.randn(len(obs), self.action_dim, device=obs.device, generator=generator)
+        for k in reversed(range(self.num_steps)):
+            steps = torch.full((len(obs),), k, device=obs.device, dtype=torch.long)
+            eps = self.network(x, steps, obs)
+            abar = self.alphas_cumprod[k]
+            x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+            if deterministic:
+                eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+                x = self.alphas_cumprod_prev[k].sqrt() * x0 + (1 - self.alphas_cumprod_prev[k]).sqrt() * eps
+            else:
+                mean = self.posterior_coef_x0[k] * x0 + self.posterior_coef_xk[k] * x
+                std = self.posterior_std[k].clamp(min=min_std)
+                x = mean + std * torch.randn_like(x).clamp(-noise_clip, noise_clip)
+        return x.clamp(-1, 1)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPPO's diffusion MDP: every denoising step a_k -> a_{k-1} is a Gaussian "action" of the fine-tuned policy
+# (paper Sec. 4), so its likelihood, and PPO's likelihood ratio, is exact
+# ----------------------------------------------------------------------------------------------------------------
+class FineTunedDenoiser(nn.Module):
+    """DPPO's split eps_theta: the pre-trained network, frozen, for the first K - K' denoising steps (k >= K') and a
+    trainable copy of it for the last K' (k < K'). Every call holds one kind of step: the samplers call it with one k
+    for the whole batch, and the PPO minibatches hold fine-tuned steps only."""
+
+    def __init__(self, pretrained: DenoisingMLP, ft_steps: int):
+        super().__init__()
+        self.ft_steps = ft_steps
+        self.frozen = pretrained.requires_grad_(False)
+        self.finetuned = copy.deepcopy(pretrained).requires_grad_(True)
+
+    def forward(self, noisy_actions, k, obs):
+        network = self.finetuned if k.max() < self.ft_steps else self.frozen
+        return network(noisy_actions, k, obs)
+
+
+def denoising_mean(policy: DiffusionPolicy, x, k, obs):
+    """Mean of the denoising step p_theta(a_{k-1} | a_k = x, s): the DDPM posterior mean at the predicted a_0, clamped
+    to [-1, 1] as in DiffusionPolicy.sample. `k` holds one step index per row."""
+    eps = policy.network(x, k, obs)
+    abar = policy.alphas_cumprod[k][:, None]
+    x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    return policy.posterior_coef_x0[k][:, None] * x0 + policy.posterior_coef_xk[k][:, None] * x
+
+
+@torch.no_grad()
+def sample_chain(policy: DiffusionPolicy, obs, args: Args):
+    """Exploration: DiffusionPolicy.sample's DDPM sampler (noise std floored at --min-sampling-std on every step,
+    noise clipped), keeping the last K' + 1 iterates (a_{K'}, ..., a_0), shape (n, K' + 1, action_dim), whose K'
+    Gaussian steps PPO re-weighs. a_0 is returned unclamped: the env executes a_0 clamped to [-1, 1]."""
+    x = torch.randn(len(obs), policy.action_dim, device=obs.device)
+    chain = []
+    for k in reversed(range(policy.num_steps)):
+        if k < args.ft_denoising_steps:
+            chain.append(x)
+        steps = torch.full((len(obs),), k, device=obs.device, dtype=torch.long)
+        std = policy.posterior_std[k].clamp(min=args.min_sampling_std)
+        x = denoising_mean(policy, x, steps, obs) + std * torch.randn_like(x).clamp(-args.noise_clip, args.noise_clip)
+    return torch.stack(chain + [x], dim=1)
+
+
+LOG_PROB_MIN, LOG_PROB_MAX = -5.0, 2.0  # DPPO's clamp of every dimension's log-likelihood, against extreme ratios
+
+
+def denoising_log_prob(policy: DiffusionPolicy, obs, x, x_next, k, min_std: float):
+    """log N(x_next; mu_theta(x, k, s), sigma^2 I) of the denoising step k, sigma = max(sigma_k, min_std): the last
+    steps' DDPM std is near 0 (exactly 0 at k = 0), which would make the likelihood degenerate (DPPO's floor 0.1).
+    Each dimension's log-likelihood is clamped to [LOG_PROB_MIN, LOG_PROB_MAX], then averaged over the chunk (DPPO)."""
+    mean = denoising_mean(policy, x, k, obs)
+    std = policy.posterior_std[k][:, None].clamp(min=min_std)
+    log_prob = -0.5 * ((x_next - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+    return log_prob.clamp(LOG_PROB_MIN, LOG_PROB_MAX).mean(-1)
+
+
+def value_network(obs_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    """V(s) as DPPO's CriticObs: Linear, (len(hidden) - 1) // 2 residual Mish blocks of width hidden[0], Linear."""
+    width = hidden[0]
+    blocks = [ResidualBlock(width) for _ in range((len(hidden) - 1) // 2)]
+    return nn.Sequential(nn.Linear(obs_dim, width), *blocks, nn.Linear(width, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO: running reward scale, GAE over decisions, the clipped surrogate of the denoising steps
+# ----------------------------------------------------------------------------------------------------------------
+class RunningRewardScaler:
+    """DPPO's running reward scaling: rewards are divided by the running std of the discounted return that each env
+    has collected since its episode began (and clipped to [-10, 10]), so that the value targets keep one scale."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma = gamma
+        self.returns = np.zeros(num_envs)  # each env's discounted return so far in its current episode
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4  # running moments of those returns
+
+    def __call__(self, rewards: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """rewards, starts: (num_steps, num_envs); starts marks the decisions that begin an episode."""
+        returns = np.zeros_like(rewards)
+        for t in range(len(rewards)):
+            self.returns = rewards[t] + self.gamma * (1 - starts[t]) * self.returns
+            returns[t] = self.returns
+        delta, count = returns.mean() - self.mean, returns.size
+        total = self.count + count
+        self.mean += delta * count / total
+        self.var = (self.var * self.count + returns.var() * count + delta**2 * self.count * count / total) / total
+        self.count = total
+        return np.clip(rewards / np.sqrt(self.var + 1e-8), -10, 10)
+
+    def state_dict(self):
+        return {"returns": self.returns.copy(), "mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.returns = state["returns"].copy()
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def compute_gae(rewards, values, next_values, terminated, done, gamma: float, gae_lambda: float):
+    """GAE over decisions, all arguments (num_steps, num_envs). next_values holds V of the true next state: for a
+    truncated episode that is V(final_obs), not V of the reset state the vector env returns. A terminated decision
+    does not bootstrap, a truncated one does, and the recursion stops at every episode end (terminated or
+    truncated), so no advantage mixes two episodes (spec defect D21). Returns the advantages and the value targets."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
+        last = delta + gamma * gae_lambda * (1 - done[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def clip_coefficients(k, args: Args):
+    """DPPO's per-step ratio clip: eps grows exponentially (rate rho) from --clip-coef-base at the noisiest fine-tuned
+    step (k = K' - 1) to --clip-coef at the last one (k = 0), so that the noisy early steps move the least."""
+    progress = 1 - k / max(args.ft_denoising_steps - 1, 1)  # 0 at k = K' - 1, 1 at k = 0
+    growth = torch.expm1(args.clip_coef_rate * progress) / math.expm1(args.clip_coef_rate)
+    return args.clip_coef_base + (args.clip_coef - args.clip_coef_base) * growth
+
+
+def ppo_policy_loss(new_log_prob, old_log_prob, advantages, k, args: Args):
+    """PPO's clipped surrogate on denoising steps: mean over pairs of max(-A r, -A clip(r, 1 - eps_k, 1 + eps_k)), with
+    r = exp(new - old) the likelihood ratio of step k and A the decision's advantage discounted by gamma_denoising^k
+    (the decision's reward reaches step k after k more denoising steps). Returns the loss, the approximate KL
+    E[(r - 1) - log r] and the fraction of clipped ratios."""
+    advantages = advantages * args.gamma_denoising**k
+    log_ratio = new_log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    eps = clip_coefficients(k, args)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1).abs() > eps).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Behaviour-cloning pre-training, shared by every method through one checkpoint file
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict):
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+PRETRAIN_FIELDS = ("env_id", "dataset_source", "dataset_path", "chunk_size", "denoising_steps", "time_dim",
+                   "actor_hidden", "pretrain_steps", "pretrain_batch_size", "pretrain_lr", "ema_decay", "seed")
+
+
+def pretrained_checkpoint_path(args: Args) -> Path:
+    if args.pretrained_checkpoint is not None:
+        return Path(args.pretrained_checkpoint)
+    config = {field: getattr(args, field) for field in PRETRAIN_FIELDS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    source = "custom" if args.dataset_path else args.dataset_source
+    return Path(args.pretrained_dir) / f"{args.env_id}__{source}__seed{args.seed}__{digest}.pt"
+
+
+def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
+    """The saved pre-trained policy for this config, or None if it has yet to be trained; refuses another task's."""
+    if not path.exists():
+        if args.pretrained_checkpoint is not None:
+            raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    expected = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1]}
+    mismatched = {k: (checkpoint["meta"].get(k), v) for k, v in expected.items() if checkpoint["meta"].get(k) != v}
+    if mismatched:
+        raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} (saved, expected). "
+                         "Pass --pretrained-checkpoint for this task or delete the file.")
+    return checkpoint
+
+
+def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_path: Path) -> list[float]:
+    """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning).
+    Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
+    continues from there to the same weights as an uninterrupted one."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.pretrain_lr, weight_decay=1e-6, fused=True)
+    warmup = max(1, args.pretrain_steps // 100)
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    resumable = {"policy": policy, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    start, losses = 0, []
+    if partial_path.exists():
+        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+        for key, module in resumable.items():
+            module.load_state_dict(state[key])
+        start, losses = state["step"], state["losses"]
+        set_rng_state(state["rng"])
+        print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
+    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
+        idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
+        loss = policy.loss(dataset_actions[idx], dataset_obs[idx]).mean()
+        check_finite(loss, "pre-training loss", step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():  # copy for the first 1000 steps, then average
+            decay = args.ema_decay if step >= 1000 else 0.0
+            torch._foreach_lerp_(list(ema.parameters()), list(policy.parameters()), 1 - decay)
+        if step % 100 == 0:
+            losses.append(loss.item())
+            writer.add_scalar("losses/pretrain_dsm", loss.item(), step)
+        if (step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps:
+            save_checkpoint(partial_path, {"step": step + 1, "losses": losses, "rng": rng_state(),
+                                           **{key: module.state_dict() for key, module in resumable.items()}})
+    policy.load_state_dict(ema.state_dict())
+    return losses
+
+
+def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: Path, args: Args, writer) -> dict:
+    """Pre-trains on a forked RNG, so that a run that pre-trains and a later run that loads the file continue with
+    the same random numbers, and saves the policy with its normalisers."""
+    device = next(policy.parameters()).device
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(".partial.pt")
+    start = time.time()
+    with torch.random.fork_rng():
+        losses = pretrain(policy, obs_normalizer.normalize(chunks["obs"].to(device)),
+                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path)
+    meta = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1],
+            "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses,
+            "seconds": time.time() - start}  # of this process, when an interrupted pre-training was continued
+    checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
+                  "action_normalizer": action_normalizer.state_dict()}
+    save_checkpoint(path, checkpoint)
+    partial_path.unlink(missing_ok=True)
+    print(f"saved the pre-trained policy to {path}")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and helpers
+# ----------------------------------------------------------------------------------------------------------------
+def check_args(args: Args):
+    """Raises ValueError naming the first flag whose value cannot work."""
+    for field in dataclasses.fields(args):
+        value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
+        values = value if isinstance(value, tuple) else (value,)
+        if not values:
+            raise ValueError(f"{flag} needs at least one value")
+        if isinstance(value, bool) or not all(isinstance(x, (int, float)) for x in values):
+            continue
+        if field.name in FRACTIONS and not all(0 <= x <= 1 for x in values):
+            raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
+            raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+
+
+def check_ppo_args(args: Args):
+    """Raises ValueError for what check_args cannot see: flags that only fail together."""
+    if args.ft_denoising_steps > args.denoising_steps:
+        raise ValueError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds --denoising-steps "
+                         f"{args.denoising_steps}")
+    if args.num_envs * args.num_steps * args.ft_denoising_steps < 2 * args.num_minibatches:
+        raise ValueError(f"--num-minibatches {args.num_minibatches} leaves fewer than 2 (decision, step) pairs per "
+                         "minibatch, too few to normalise advantages: lower it or raise --num-envs / --num-steps")
+
+
+def read_resume_state(resume: str, script: str) -> dict:
+    path = Path(resume) / "checkpoint.pt" if Path(resume).is_dir() else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (give a run folder under runs/ that "
+                                "holds a checkpoint.pt, or the file itself)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("script") != script:
+        raise ValueError(f"{path} is a checkpoint of {state.get('script')}: resume it with that script")
+    if "rng" not in state:
+        raise ValueError(f"{path} was written by an older version of {script}, whose state this version cannot "
+                         "restore: start a new run")
+    return state
+
+
+def check_finite(value, name: str, step: int):
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"{name} is {value.item()} at step {step}: lower the learning rates, check the "
+                                 "dataset for NaN/inf, or resume from the last checkpoint with other settings")
+
+
+def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = False, run_name: str = ""):
+    env_fns = [make_env(args.env_id, seed, i, args.chunk_size, capture_video, run_name) for i in range(num_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+@torch.no_grad()
+def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
+    """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one DDIM
+    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights. Each env runs a
+    quota of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
+    obs, _ = envs.reset(seed=args.seed + 100_000)
+    episode_return = np.zeros(envs.num_envs)
+    returns, scores, successes = [], [], []
+    while len(returns) < args.eval_episodes:
+        obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        if protocol == "single":
+            actions = policy.sample(obs_n, deterministic=True, generator=generator)
+        else:
+            actions, _ = select_candidates(obs_n, policy, weigh, args, deterministic=True, generator=generator)
+        obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
+        episode_return += reward
+        for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
+            returns.append(episode_return[i])
+            scores.append(info["final_info"]["normalized_score"][i])
+            successes.append(info["final_info"]["success"][i])
+            quota[i] -= 1
+        episode_return[terminated | truncated] = 0
+    return {"episodic_return": float(np.mean(returns)), "normalized_score": float(np.mean(scores)),
+            "success_rate": float(np.mean(successes)), "episodes": len(returns)}
+
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:  # bad input ends here, before a run folder exists, with one message and exit code 2
+        resume_state = None
+        if args.resume is not None:
+            resume_state = read_resume_state(args.resume, os.path.basename(__file__))
+            args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
+        check_args(args)
+        check_ppo_args(args)
+        dataset = load_dataset(args.env_id, args.dataset_source, args.dataset_path)
+        chunks = make_chunk_transitions(dataset, args.chunk_size)
+        pretrained_path = pretrained_checkpoint_path(args)
+        pretrained = read_pretrained(pretrained_path, chunks, args)
+    except (ValueError, FileNotFoundError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run_name = resume_state["run_name"] if resume_state else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    # On resume, drop only what the interrupted process logged after its checkpoint's step.
+    writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.cuda and not torch.cuda.is_available():
+        print("--cuda: no GPU available, running on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Normalisation and the shared pre-trained policy
+    obs_dim, action_dim = chunks["obs"].shape[1], chunks["actions"].shape[1]
+    obs_normalizer = Normalizer(dataset["observations"].min(0), dataset["observations"].max(0)).to(device)
+    action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
+    policy = DiffusionPolicy(obs_dim, action_dim, args).to(device)
+    if pretrained is None:
+        pretrained = pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, pretrained_path, args, writer)
+    else:
+        print(f"loaded the pre-trained policy from {pretrained_path}")
+    policy.load_state_dict(pretrained["policy"])
+    obs_normalizer.load_state_dict(pretrained["obs_normalizer"])
+    action_normalizer.load_state_dict(pretrained["action_normalizer"])
+
+    # ALGO LOGIC: initialize agent here
+    policy.network = FineTunedDenoiser(policy.network, args.ft_denoising_steps)
+    vf = value_network(obs_dim, args.critic_hidden).to(device)
+    # AdamW without weight decay and constant learning rates, as DPPO's configs (their schedules have min = max); fused:
+    # one kernel updates every parameter, on the CPU as on the GPU
+    actor_optimizer = torch.optim.AdamW(policy.network.finetuned.parameters(), lr=args.actor_lr, weight_decay=0.0,
+                                        fused=True)
+    critic_optimizer = torch.optim.AdamW(vf.parameters(), lr=args.critic_lr, weight_decay=0.0, fused=True)
+    reward_scaler = RunningRewardScaler(args.num_envs, args.gamma)
+    checkpointed = {"policy": policy, "vf": vf, "actor_optimizer": actor_optimizer,
+                    "critic_optimizer": critic_optimizer, "reward_scaler": reward_scaler}
+
+    # ALGO LOGIC: on-policy storage, one row per decision
+    rollout_obs = torch.zeros(args.num_steps, args.num_envs, obs_dim, device=device)
+    rollout_next_obs = torch.zeros(args.num_steps, args.num_envs, obs_dim, device=device)  # final_obs at episode ends
+    rollout_chains = torch.zeros(args.num_steps, args.num_envs, args.ft_denoising_steps + 1, action_dim, device=device)
+    rollout_rewards, rollout_terminated, rollout_done, rollout_starts = (
+        np.zeros((args.num_steps, args.num_envs)) for _ in range(4))
+    denoising_step = torch.arange(args.ft_denoising_steps - 1, -1, -1, device=device)  # k of the chain's j-th step
+
+    envs = make_vector_env(args, args.seed, args.num_envs)
+    eval_envs = make_vector_env(args, args.seed + 100_000, args.num_envs, args.capture_video, run_name)
+    env_steps_per_iteration = args.num_envs * args.num_steps * args.chunk_size
+    num_iterations = math.ceil(args.total_timesteps / env_steps_per_iteration)
+    num_pairs = args.num_envs * args.num_steps * args.ft_denoising_steps
+    minibatch_size = num_pairs // args.num_minibatches  # num_pairs % num_minibatches pairs of each pass sit out (DPPO)
+
+    start_iteration, global_step, best, history = 0, 0, None, []
+    timings = {key: 0.0 for key in ("env", "sampling", "critic", "ot", "actor", "eval", "wall")}
+    if resume_state is not None:
+        for key, module in checkpointed.items():
+            module.load_state_dict(resume_state[key])
+        start_iteration, global_step, best = resume_state["iteration"], resume_state["global_step"], resume_state["best"]
+        history, timings = resume_state["history"], resume_state["timings"]
+        set_rng_state(resume_state["rng"])
+        print(f"resumed {run_name} at iteration {start_iteration} ({global_step} env steps)")
+
+    # TRY NOT TO MODIFY: start the game
+    start_time = time.time() - timings["wall"]
+    progress = tqdm(range(start_iteration, num_iterations + 1), initial=start_iteration, total=num_iterations + 1)
+    for iteration in progress:
+        if iteration % args.eval_frequency == 0 or iteration == num_iterations:
+            tic = time.perf_counter()
+            results = {protocol: evaluate(eval_envs, policy, None, obs_normalizer, action_normalizer, args, device,
+                                          protocol) for protocol in args.eval_protocols}
+            timings["eval"] += time.perf_counter() - tic
+            scores = results[args.eval_protocols[0]]
+            history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
+            best = scores if best is None or scores["normalized_score"] > best["normalized_score"] else best
+            for protocol, result in results.items():
+                for key in ("success_rate", "normalized_score", "episodic_return"):
+                    writer.add_scalar(f"eval_{protocol}/{key}", result[key], global_step)
+            for key in ("success_rate", "normalized_score", "episodic_return"):
+                writer.add_scalar(f"charts/{key}", scores[key], global_step)
+            writer.flush()
+            progress.set_postfix(score=scores["normalized_score"], success=scores["success_rate"])
+        if iteration == num_iterations:
+            break
+
+        # The envs run on across iterations (DPPO's kitchen setting) unless --reset-at-iteration; a resumed run starts
+        # fresh episodes, and so continues an uninterrupted one exactly only with --reset-at-iteration.
+        if iteration == start_iteration or args.reset_at_iteration:
+            obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
+            episode_return, episode_start = np.zeros(args.num_envs), np.ones(args.num_envs)
+
+        # Collect num_steps decisions per env with the exploration sampler, keeping each decision's denoising chain
+        for step in range(args.num_steps):
+            tic = time.perf_counter()
+            obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            chain = sample_chain(policy, obs_n, args)
+            env_actions = action_normalizer.unnormalize(chain[:, -1].clamp(-1, 1)).cpu().numpy()
+            timings["sampling"] += time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            next_obs, reward, terminated, truncated, info = envs.step(env_actions)
+            timings["env"] += time.perf_counter() - tic
+            done = terminated | truncated
+            chunk_steps = info["chunk_steps"].copy()  # a finished env reports its last chunk in final_info
+            if done.any():
+                chunk_steps[done] = info["final_info"]["chunk_steps"][done]
+            global_step += int(chunk_steps.sum())
+            real_next_obs = next_obs.copy()
+            for i in np.flatnonzero(done):
+                real_next_obs[i] = info["final_obs"][i]
+            rollout_obs[step], rollout_chains[step] = obs_n, chain
+            rollout_next_obs[step] = obs_normalizer.normalize(torch.as_tensor(real_next_obs, dtype=torch.float32,
+                                                                              device=device))
+            rollout_rewards[step], rollout_terminated[step], rollout_done[step] = reward, terminated, done
+            rollout_starts[step], episode_start = episode_start, done
+            episode_return += reward
+            for i in np.flatnonzero(done):
+                writer.add_scalar("charts/train_episodic_return", episode_return[i], global_step)
+                writer.add_scalar("charts/train_normalized_score", info["final_info"]["normalized_score"][i], global_step)
+            episode_return[done] = 0
+            obs = next_obs
+
+        # ALGO LOGIC: value targets and advantages by GAE over decisions, on running-scaled rewards
+        tic = time.perf_counter()
+        with torch.no_grad():
+            values = vf(rollout_obs).squeeze(-1)
+            next_values = vf(rollout_next_obs).squeeze(-1)
+        rewards = torch.as_tensor(reward_scaler(rollout_rewards, rollout_starts), dtype=torch.float32, device=device)
+        terminations = torch.as_tensor(rollout_terminated, dtype=torch.float32, device=device)
+        dones = torch.as_tensor(rollout_done, dtype=torch.float32, device=device)
+        advantages, returns = compute_gae(rewards, values, next_values, terminations, dones, args.gamma,
+                                          args.gae_lambda)
+        b_obs, b_values = rollout_obs.flatten(0, 1), values.flatten()
+        b_advantages, b_returns = advantages.flatten(), returns.flatten()
+        timings["critic"] += time.perf_counter() - tic
+
+        # The likelihoods of the sampled denoising steps under the policy that sampled them
+        tic = time.perf_counter()
+        b_chains = rollout_chains.flatten(0, 1)
+        with torch.no_grad():
+            b_log_probs = denoising_log_prob(
+                policy, b_obs.repeat_interleave(args.ft_denoising_steps, 0), b_chains[:, :-1].flatten(0, 1),
+                b_chains[:, 1:].flatten(0, 1), denoising_step.repeat(len(b_obs)), args.min_logprob_std,
+            ).view(len(b_obs), args.ft_denoising_steps)
+        timings["actor"] += time.perf_counter() - tic
+
+        # ALGO LOGIC: PPO epochs over the (decision, fine-tuned denoising step) pairs; V and the policy take one step
+        # per minibatch, and the iteration's updates stop once the policy has moved too far (target KL)
+        clipfracs, kl_exceeded = [], False
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(num_pairs, device=device)
+            for start in range(0, minibatch_size * args.num_minibatches, minibatch_size):
+                pairs = order[start : start + minibatch_size]
+                i, j = pairs // args.ft_denoising_steps, pairs % args.ft_denoising_steps  # decision, chain position
+
+                tic = time.perf_counter()
+                v_loss = 0.5 * ((vf(b_obs[i]).squeeze(-1) - b_returns[i]) ** 2).mean()
+                critic_optimizer.zero_grad()
+                v_loss.backward()
+                critic_optimizer.step()
+                timings["critic"] += time.perf_counter() - tic
+                if iteration < args.critic_warmup_iterations:
+                    continue
+
+                tic = time.perf_counter()
+                k = denoising_step[j]
+                new_log_prob = denoising_log_prob(policy, b_obs[i], b_chains[i, j], b_chains[i, j + 1], k,
+                                                  args.min_logprob_std)
+                mb_advantages = (b_advantages[i] - b_advantages[i].mean()) / (b_advantages[i].std() + 1e-8)
+                pg_loss, approx_kl, clipfrac = ppo_policy_loss(new_log_prob, b_log_probs[i, j], mb_advantages, k, args)
+                actor_optimizer.zero_grad()
+                pg_loss.backward()
+                actor_optimizer.step()
+                clipfracs.append(clipfrac)
+                timings["actor"] += time.perf_counter() - tic
+                kl_exceeded = bool(approx_kl > args.target_kl)
+                if kl_exceeded:
+                    break
+            if kl_exceeded:
+                break
+        check_finite(v_loss, "value loss", global_step)
+        if clipfracs:
+            check_finite(pg_loss, "actor loss", global_step)
+            writer.add_scalar("losses/actor", pg_loss.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+
+        timings["wall"] = time.time() - start_time
+        explained_variance = 1 - (b_returns - b_values).var() / b_returns.var()
+        writer.add_scalar("losses/v", v_loss.item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_variance.item(), global_step)
+        writer.add_scalar("charts/SPS", int(global_step / timings["wall"]), global_step)
+        for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
+            writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
+
+        if (iteration + 1) % args.checkpoint_frequency == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
+                "iteration": iteration + 1, "global_step": global_step,
+                "best": best, "history": history, "timings": timings, "rng": rng_state(),
+                **{key: module.state_dict() for key, module in checkpointed.items()},
+            })
+            writer.flush()
+
+    timings["wall"] = time.time() - start_time
+    iterations_run = max(1, num_iterations)
+    summary = {
+        "env_id": args.env_id, "exp_name": args.exp_name, "seed": args.seed, "pretrained_checkpoint": str(pretrained_path),
+        "pretrained": history[0], "final": history[-1], "best": best, "history": history,
+        "env_steps": global_step, "iterations": num_iterations, "wall_time_s": timings["wall"],
+        "SPS": global_step / timings["wall"],
+        "time_per_iteration_s": {key: timings[key] / iterations_run for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    torch.save({"args": vars(args), "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
+                "action_normalizer": action_normalizer.state_dict()}, run_dir / f"{args.exp_name}.pt")
+    print(json.dumps({k: summary[k] for k in ("pretrained", "final", "best", "env_steps", "wall_time_s", "SPS")}, indent=2))
+    envs.close()
+    eval_envs.close()
+    writer.close()
