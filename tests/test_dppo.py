@@ -7,18 +7,14 @@ episode, a policy loss with the wrong sign, a sampler that is not the shared one
 import copy
 import json
 import math
-import os
-import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dppo_baseline as dppo
 import idql_baseline
+from tests.e2e import bad_input_error, finish, run_dir, scalars, start
 
 ROOT = Path(__file__).resolve().parents[1]
 # One env (no worker processes: the test's cost is start-up and env steps) x 70 decisions of 4 actions per iteration:
@@ -224,29 +220,12 @@ def test_running_reward_scale_divides_by_the_std_of_discounted_returns_that_rest
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: summary, TensorBoard, checkpoints, the shared pre-trained file, exact --resume, bad input
 # ----------------------------------------------------------------------------------------------------------------
-def run(args: list[str], cwd: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "dppo_baseline.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(process) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
-
-
-def run_dir(cwd: Path, exp_name: str) -> Path:
-    (path,) = (cwd / "runs").glob(f"Kitchen-Complete-v0__{exp_name}__3__*")
-    return path
-
-
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     """The whole run in one folder, and beside it (at the same time: two cores) a run stopped at its first
     checkpoint, which pre-trains the same weights for itself; that run is then resumed to the whole budget."""
     whole, cut = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("cut")
-    processes = [run(TINY, whole), run(TINY + ["--exp-name", "cut", "--total-timesteps", "280"], cut)]
+    processes = [start("dppo_baseline.py", TINY, whole), start("dppo_baseline.py", TINY + ["--exp-name", "cut", "--total-timesteps", "280"], cut)]
     whole_log, _ = finish(processes[0]), finish(processes[1])
     # the stopped run is asked to go on: the same Args but the whole budget (its checkpoint is at iteration 1)
     checkpoint_file = run_dir(cut, "cut") / "checkpoint.pt"
@@ -254,7 +233,7 @@ def workdirs(tmp_path_factory):
     assert checkpoint["iteration"] == 1
     checkpoint["args"]["total_timesteps"] = ENV_STEPS
     torch.save(checkpoint, checkpoint_file)
-    resume_log = finish(run(["--resume", str(checkpoint_file.parent)], cut))
+    resume_log = finish(start("dppo_baseline.py", ["--resume", str(checkpoint_file.parent)], cut))
     return whole, cut, whole_log, resume_log
 
 
@@ -272,9 +251,7 @@ def test_summary_tensorboard_and_checkpoint(workdirs):
     assert set(summary["time_per_iteration_s"]) == {"env", "sampling", "critic", "ot", "actor", "eval"}
     assert summary["time_per_iteration_s"]["ot"] == 0 and summary["time_per_iteration_s"]["actor"] > 0
 
-    events = EventAccumulator(str(path))
-    events.Reload()
-    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    logged = scalars(path)
     for tag in ("charts/success_rate", "charts/normalized_score", "eval_single/normalized_score"):
         assert len(logged[tag]) == 2
     for tag in ("losses/v", "losses/explained_variance", "charts/SPS", "time/env", "time/critic", "time/actor"):
@@ -336,12 +313,4 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     """In-process (runpy), so that the cases cost no interpreter start each."""
     (tmp_path / "idql_run").mkdir()
     torch.save({"script": "idql_baseline.py"}, tmp_path / "idql_run" / "checkpoint.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["dppo_baseline.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "dppo_baseline.py"), run_name="__main__")
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and message in error and "Traceback" not in error
-    assert len(error.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+    assert message in bad_input_error("dppo_baseline.py", flags, tmp_path, monkeypatch, capsys)

@@ -8,23 +8,18 @@ the twin heads, a selection that is not softmax(Qbar).
 import copy
 import dataclasses
 import json
-import os
-import runpy
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dql_baseline as dql
 import idql_baseline
+from tests.e2e import bad_input_error, finish, run_dir, scalars, start
 
-ROOT = Path(__file__).resolve().parents[1]
 # One env (a SyncVectorEnv, no worker processes) keeps each run to a few seconds; the vector env, data and evaluation
 # are shared code that tests/test_scripts.py runs with two.
 TINY = [
@@ -212,39 +207,16 @@ def test_dql_loads_the_same_pretrained_checkpoint_as_the_other_scripts():
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: summary, TensorBoard, checkpoints, --resume, bad input
 # ----------------------------------------------------------------------------------------------------------------
-def run(args: list[str], cwd: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "dql_baseline.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(process) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
-
-
-def run_dir(cwd: Path, exp_name: str = "dql_baseline") -> Path:
-    (path,) = (cwd / "runs").glob(f"Kitchen-Complete-v0__{exp_name}__3__*")
-    return path
-
-
-def scalars(path: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(path))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """One run to the end. Its first checkpoint is copied aside the moment it appears: a checkpoint is replaced
     atomically, so the copy is exactly what a run killed at that point leaves behind."""
     cwd, snapshot = tmp_path_factory.mktemp("dql_e2e"), tmp_path_factory.mktemp("dql_snapshot")
-    process = run(TINY, cwd)
+    process = start("dql_baseline.py", TINY, cwd)
     while not list((cwd / "runs").glob("*/checkpoint.pt")):
         assert process.poll() is None, process.communicate()[0]
         time.sleep(0.02)
-    path = run_dir(cwd)
+    path = run_dir(cwd, "dql_baseline")
     (snapshot / "runs" / path.name).mkdir(parents=True)
     shutil.copy(path / "checkpoint.pt", snapshot / "runs" / path.name)
     log = finish(process)
@@ -255,7 +227,7 @@ def uninterrupted(tmp_path_factory):
 def test_end_to_end_summary_tensorboard_and_checkpoint(uninterrupted):
     cwd, log, _ = uninterrupted
     assert "saved the pre-trained policy" in log
-    path = run_dir(cwd)
+    path = run_dir(cwd, "dql_baseline")
     summary = json.loads((path / "summary.json").read_text())
     assert summary["env_steps"] == ENV_STEPS and summary["iterations"] == ITERATIONS
     assert [entry["iteration"] for entry in summary["history"]] == [0, ITERATIONS]
@@ -300,12 +272,12 @@ def resumed(uninterrupted, tmp_path_factory):
     """The run resumed from its first checkpoint (the snapshot) and, in another folder, from a copy of its last one
     (written before its final evaluation): two independent processes, run at once."""
     cwd, _, snapshot = uninterrupted
-    path, last = run_dir(cwd), tmp_path_factory.mktemp("dql_last")
+    path, last = run_dir(cwd, "dql_baseline"), tmp_path_factory.mktemp("dql_last")
     shutil.copytree(cwd / "pretrained", last / "pretrained")
     (last / "runs" / path.name).mkdir(parents=True)
     shutil.copy(path / "checkpoint.pt", last / "runs" / path.name)
     first_checkpoint = torch.load(snapshot / "runs" / path.name / "checkpoint.pt", weights_only=False)
-    processes = [run(["--resume", str(Path("runs") / path.name)], folder) for folder in (snapshot, last)]
+    processes = [start("dql_baseline.py", ["--resume", str(Path("runs") / path.name)], folder) for folder in (snapshot, last)]
     logs = [finish(process) for process in processes]
     return first_checkpoint, snapshot / "runs" / path.name, last / "runs" / path.name, logs
 
@@ -317,12 +289,12 @@ def test_resume_continues_an_interrupted_run(uninterrupted, resumed):
     first_checkpoint, folder, _, logs = resumed
     assert first_checkpoint["iteration"] == 1 and "resumed" in logs[0]
     summary = json.loads((folder / "summary.json").read_text())
-    reference = json.loads((run_dir(uninterrupted[0]) / "summary.json").read_text())
+    reference = json.loads((run_dir(uninterrupted[0], "dql_baseline") / "summary.json").read_text())
     for key in ("env_steps", "iterations", "pretrained"):
         assert summary[key] == reference[key]
     assert [entry["iteration"] for entry in summary["history"]] == [0, ITERATIONS]
     final = torch.load(folder / "checkpoint.pt", weights_only=False)
-    reference_checkpoint = torch.load(run_dir(uninterrupted[0]) / "checkpoint.pt", weights_only=False)
+    reference_checkpoint = torch.load(run_dir(uninterrupted[0], "dql_baseline") / "checkpoint.pt", weights_only=False)
     assert final["iteration"] == ITERATIONS and final["replay"]["size"] == reference_checkpoint["replay"]["size"]
     ema, before = final["ema_policy"], first_checkpoint["ema_policy"]
     assert not all(torch.equal(ema[key], before[key]) for key in ema)
@@ -332,7 +304,7 @@ def test_resume_continues_an_interrupted_run(uninterrupted, resumed):
 def test_resuming_the_last_checkpoint_reproduces_the_uninterrupted_run(uninterrupted, resumed):
     """Resumed from its last checkpoint, the run ends with exactly the uninterrupted run's history and weights: the
     restored state, RNG and evaluation are the same."""
-    path, folder = run_dir(uninterrupted[0]), resumed[2]
+    path, folder = run_dir(uninterrupted[0], "dql_baseline"), resumed[2]
     resumed_summary = json.loads((folder / "summary.json").read_text())
     assert resumed_summary["history"] == json.loads((path / "summary.json").read_text())["history"]
     weights = [torch.load(run / "dql_baseline.pt", weights_only=False)["policy"] for run in (path, folder)]
@@ -352,11 +324,4 @@ BAD_INPUT = [
 def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys, flags, message):
     (tmp_path / "idql_run").mkdir()
     torch.save({"script": "idql_baseline.py", "rng": {}}, tmp_path / "idql_run" / "checkpoint.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["dql_baseline.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "dql_baseline.py"), run_name="__main__")
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and message in error and len(error.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()
+    assert message in bad_input_error("dql_baseline.py", flags, tmp_path, monkeypatch, capsys)

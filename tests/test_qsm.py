@@ -7,10 +7,6 @@ on Kitchen-Complete-v0 with a tiny budget (about 50 s of CPU in all).
 """
 import ast
 import json
-import os
-import runpy
-import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -18,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import idql_baseline
 import qsm_baseline as qsm
+from tests.e2e import ROOT, bad_input_error, finish, scalars, start
 
-ROOT = Path(__file__).resolve().parents[1]
 A_STAR = 0.5  # the maximiser of the toy critics
 
 
@@ -200,18 +195,6 @@ TINY = [
 ITERATIONS, ENV_STEPS = 3, 120  # 120 // (1 env * 10 decisions * 4 actions per chunk)
 
 
-def start(args: list[str], cwd: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "qsm_baseline.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(process) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
-
-
 def wait_for(pattern: str, cwd: Path, process) -> Path:
     for _ in range(3000):
         found = [path for path in cwd.glob(pattern) if "partial" not in path.name]
@@ -222,25 +205,19 @@ def wait_for(pattern: str, cwd: Path, process) -> Path:
     raise TimeoutError(pattern)
 
 
-def scalars(path: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(path))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """`whole` pre-trains and runs uninterrupted; `cut`, the same run, starts once the pre-trained file exists, is
     killed after its first checkpoint and resumed; then the finished `whole` is resumed once more (evaluation only)."""
     cwd = tmp_path_factory.mktemp("qsm_e2e")
-    whole = start(TINY + ["--exp-name", "whole"], cwd)
+    whole = start("qsm_baseline.py", TINY + ["--exp-name", "whole"], cwd)
     wait_for("pretrained/*.pt", cwd, whole)
-    cut = start(TINY + ["--exp-name", "cut"], cwd)
+    cut = start("qsm_baseline.py", TINY + ["--exp-name", "cut"], cwd)
     cut_checkpoint = wait_for("runs/*__cut__3__*/checkpoint.pt", cwd, cut)
     cut.kill()
     cut_log = cut.communicate()[0]
     interrupted = torch.load(cut_checkpoint, weights_only=False)
-    resumed = start(["--resume", str(cut_checkpoint.parent)], cwd)
+    resumed = start("qsm_baseline.py", ["--resume", str(cut_checkpoint.parent)], cwd)
 
     whole_log = finish(whole)
     (whole_dir,) = (cwd / "runs").glob("*__whole__3__*")
@@ -248,7 +225,7 @@ def e2e(tmp_path_factory):
               "cut_log": cut_log, "interrupted": interrupted, "whole_scalars": scalars(whole_dir),
               "whole_summary": json.loads((whole_dir / "summary.json").read_text()),
               "whole_checkpoint": torch.load(whole_dir / "checkpoint.pt", weights_only=False)}
-    again = start(["--resume", str(whole_dir)], cwd)
+    again = start("qsm_baseline.py", ["--resume", str(whole_dir)], cwd)
     finish(resumed)
     finish(again)
     return result
@@ -338,12 +315,4 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     """In-process (runpy), so that the cases cost no interpreter start each."""
     (tmp_path / "idql_run").mkdir()
     torch.save({"script": "idql_baseline.py", "rng": {}}, tmp_path / "idql_run" / "checkpoint.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["qsm_baseline.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "qsm_baseline.py"), run_name="__main__")
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and message in error and "Traceback" not in error
-    assert len(error.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+    assert message in bad_input_error("qsm_baseline.py", flags, tmp_path, monkeypatch, capsys)

@@ -1,17 +1,12 @@
 """otpr.py and idql_baseline.py end to end on Kitchen-Complete-v0 with a tiny budget (CPU, about two minutes)."""
 import json
-import os
-import runpy
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.e2e import bad_input_error, finish, run_dir, scalars, start
+
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
     "--num-envs", "2", "--num-steps", "10", "--total-timesteps", "240", "--eval-episodes", "1", "--eval-frequency", "2",
@@ -23,29 +18,6 @@ OTPR_TINY = ["--ot-hidden", "32", "32", "--ot-batch-size", "32", "--num-keypoint
 ITERATIONS, ENV_STEPS = 3, 240  # 240 // (2 envs * 10 decisions * 4 actions per chunk)
 
 
-def run(script: str, args: list[str], cwd: Path, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
-
-
-def finish(process) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
-    return output
-
-
-def run_dir(cwd: Path, exp_name: str) -> Path:
-    (path,) = (cwd / "runs").glob(f"Kitchen-Complete-v0__{exp_name}__3__*")
-    return path
-
-
-def scalars(path: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(path))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 # otpr.py with IDQL's guidance, IDQL's actor objective and IDQL's evaluation is IDQL, random number for random number
 AS_IDQL = ["--exp-name", "otpr_as_idql", "--guidance", "advantage", "--actor-objective", "buffer"]
 
@@ -54,9 +26,9 @@ AS_IDQL = ["--exp-name", "otpr_as_idql", "--guidance", "advantage", "--actor-obj
 def workdir(tmp_path_factory):
     """otpr.py in IDQL's configuration pre-trains and saves the shared checkpoint; idql_baseline.py and otpr.py load it."""
     cwd = tmp_path_factory.mktemp("e2e")
-    as_idql_log = finish(run("otpr.py", TINY + OTPR_TINY + AS_IDQL, cwd))
-    idql_log = finish(run("idql_baseline.py", TINY, cwd))
-    otpr_log = finish(run("otpr.py", TINY + OTPR_TINY, cwd))
+    as_idql_log = finish(start("otpr.py", TINY + OTPR_TINY + AS_IDQL, cwd))
+    idql_log = finish(start("idql_baseline.py", TINY, cwd))
+    otpr_log = finish(start("otpr.py", TINY + OTPR_TINY, cwd))
     return cwd, as_idql_log, idql_log, otpr_log
 
 
@@ -135,7 +107,7 @@ def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
     state = torch.load(checkpoint, weights_only=False)
     state["meta"]["env_id"] = "Kitchen-Mixed-v0"
     torch.save(state, tmp_path / "other.pt")
-    process = run("otpr.py", TINY + ["--pretrained-checkpoint", str(tmp_path / "other.pt")], tmp_path)
+    process = start("otpr.py", TINY + ["--pretrained-checkpoint", str(tmp_path / "other.pt")], tmp_path)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "made for another task" in output and "Kitchen-Mixed-v0" in output
     assert "Traceback" not in output and not (tmp_path / "runs").exists()
@@ -144,7 +116,7 @@ def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
 def test_resume_continues_an_interrupted_run(workdir):
     cwd = workdir[0]
     args = TINY + OTPR_TINY + ["--exp-name", "interrupted", "--total-timesteps", "400"]  # 5 iterations
-    process = run("otpr.py", args, cwd)
+    process = start("otpr.py", args, cwd)
     checkpoint_file = None
     for _ in range(600):  # interrupt as soon as the first checkpoint is on disk
         found = list((cwd / "runs").glob("Kitchen-Complete-v0__interrupted__3__*/checkpoint.pt"))
@@ -158,7 +130,7 @@ def test_resume_continues_an_interrupted_run(workdir):
     interrupted = torch.load(checkpoint_file, weights_only=False)
     assert 1 <= interrupted["iteration"] < 5
 
-    finish(run("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
+    finish(start("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
     summary = json.loads((checkpoint_file.parent / "summary.json").read_text())
     assert summary["env_steps"] == 400 and summary["iterations"] == 5
     assert summary["history"][0] == interrupted["history"][0]  # the pre-trained evaluation was kept, not redone
@@ -169,7 +141,7 @@ def test_resume_continues_an_interrupted_run(workdir):
     assert len(scalars(checkpoint_file.parent)["losses/q"]) == 5
 
     # resuming the finished run only evaluates again: with the restored weights, not the pre-trained ones
-    finish(run("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
+    finish(start("otpr.py", ["--resume", str(checkpoint_file.parent)], cwd))
     policy = torch.load(checkpoint_file.parent / "interrupted.pt", weights_only=False)["policy"]
     assert all(torch.equal(policy[key], final["policy"][key]) for key in policy)
     (pretrained,) = (cwd / "pretrained").glob("*.pt")
@@ -181,7 +153,7 @@ def test_resume_continues_an_interrupted_run(workdir):
 
 def test_resume_refuses_another_scripts_checkpoint(workdir):
     cwd = workdir[0]
-    process = run("idql_baseline.py", ["--resume", str(run_dir(cwd, "otpr"))], cwd)
+    process = start("idql_baseline.py", ["--resume", str(run_dir(cwd, "otpr"))], cwd)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "checkpoint of otpr.py" in output and "Traceback" not in output
 
@@ -192,8 +164,8 @@ def test_interrupted_pretraining_continues_to_the_same_weights(tmp_path):
                        "--pretrained-dir", "pretrained"]
     (tmp_path / "whole").mkdir()
     (tmp_path / "cut").mkdir()
-    whole = run("otpr.py", args, tmp_path / "whole")
-    cut = run("otpr.py", args, tmp_path / "cut")
+    whole = start("otpr.py", args, tmp_path / "whole")
+    cut = start("otpr.py", args, tmp_path / "cut")
     for _ in range(600):  # interrupt as soon as the first partial state is on disk
         if list((tmp_path / "cut" / "pretrained").glob("*.partial.pt")):
             break
@@ -202,7 +174,7 @@ def test_interrupted_pretraining_continues_to_the_same_weights(tmp_path):
     cut.kill()
     cut.communicate()
     assert not list((tmp_path / "cut" / "pretrained").glob("*[0-9a-f].pt"))  # it was cut before the end
-    assert "continuing the interrupted pre-training" in finish(run("otpr.py", args, tmp_path / "cut"))
+    assert "continuing the interrupted pre-training" in finish(start("otpr.py", args, tmp_path / "cut"))
     finish(whole)
     (whole_file,) = (tmp_path / "whole" / "pretrained").glob("*.pt")
     (cut_file,) = (tmp_path / "cut" / "pretrained").glob("*.pt")  # the partial state is gone
@@ -230,14 +202,7 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     (tmp_path / "notes.txt").write_text("not a dataset")
     (tmp_path / "old_run").mkdir()
     torch.save({"script": script, "torch_rng": torch.get_rng_state()}, tmp_path / "old_run" / "checkpoint.pt")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [script, *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and message in error and "Traceback" not in error
-    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+    assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
 
 
 def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
@@ -260,7 +225,7 @@ def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
         for key, values in rows.items():
             f[key] = np.asarray(values)
     args = TINY[2:] + OTPR_TINY + ["--env-id", "Pendulum-v1", "--dataset-path", str(tmp_path / "pendulum.hdf5")]
-    finish(run("otpr.py", args, tmp_path))
+    finish(start("otpr.py", args, tmp_path))
     (path,) = (tmp_path / "runs").glob("Pendulum-v1__otpr__3__*")
     summary = json.loads((path / "summary.json").read_text())
     assert summary["env_steps"] == ENV_STEPS

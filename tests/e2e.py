@@ -1,0 +1,50 @@
+"""What the end-to-end tests of every algorithm script share: start a script in a folder, wait for it, find its run
+folder, read its TensorBoard scalars, and run it in-process on bad input."""
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(script: str, args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    """`python <script> <args>` in `cwd`, one torch thread, output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def run_dir(cwd: Path, exp_name: str, seed: int = 3) -> Path:
+    (path,) = (cwd / "runs").glob(f"Kitchen-Complete-v0__{exp_name}__{seed}__*")
+    return path
+
+
+def scalars(path: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def bad_input_error(script: str, flags: list[str], cwd: Path, monkeypatch, capsys) -> str:
+    """Runs the script in-process (runpy: no interpreter start per case) in `cwd` and returns what it printed to
+    stderr, after checking the contract for bad input: exit code 2, one `error:` line, no traceback, no run folder."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert not (cwd / "runs").exists()  # a failed start leaves no run folder
+    return error
