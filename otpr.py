@@ -579,7 +579,7 @@ def actor_minibatches(policy, replay, weigh, args: Args, num_updates: int):
         for update in range(num_updates):
             yield replay.data["obs"][idx[update]], replay.data["actions"][idx[update]], weights[update]
         return
-    for update in range(num_updates):
+    for _ in range(num_updates):
         if args.actor_objective == "plan":
             n = math.isqrt(args.actor_batch_size)
             obs = replay.sample(n, ("obs",))["obs"][:, None].expand(-1, n, -1)

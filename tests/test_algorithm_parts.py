@@ -241,7 +241,7 @@ def test_aligned_minibatches_weigh_each_distinct_buffer_row_once_with_its_own_we
         torch.testing.assert_close(replay.data["actions"][rows], actions)
 
 
-def per_pair_stub(obs_dim=1):
+def per_pair_stub():
     """A policy whose per-pair DSM loss is a known function of the pair: its value is |a - s|^2."""
     return SimpleNamespace(loss=lambda actions, obs: (actions - obs[:, :1]).pow(2).sum(-1))
 
