@@ -1,4 +1,5 @@
-"""Offline datasets in D4RL's flat layout: D4RL kitchen files (checksummed), Minari kitchen, or any D4RL-style HDF5.
+"""Offline datasets in D4RL's flat layout: D4RL kitchen files (checksummed), Minari kitchen, robomimic HDF5 files
+(real ones, or the demonstrations utils/make_demos.py generates), or any D4RL-style HDF5.
 
 Every loader returns float32 observations (N, obs_dim), float32 actions (N, act_dim), float32 rewards (N,) and bool
 terminals / timeouts (N,). Episode ends are terminals | timeouts, and the last row always ends an episode: if it is
@@ -9,7 +10,9 @@ completed): D4RL stores as reward the number of subtasks completed so far, see r
 """
 
 import hashlib
+import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +24,13 @@ from utils.envs import (
     BONUS_THRESH,
     KITCHEN_OBS_DIM,
     KITCHEN_TASKS,
+    ROBOMIMIC_OBS_DIM,
+    ROBOMIMIC_OBS_KEYS,
+    ROBOMIMIC_TASKS,
+    ROBOSUITE_VERSION,
     check_env_id,
     is_kitchen,
+    is_robomimic,
     kitchen_goal,
     kitchen_observation,
 )
@@ -237,14 +245,106 @@ def _load_minari(env_id: str) -> dict[str, np.ndarray]:
     return minari_kitchen_to_d4rl(dataset.iterate_episodes(), KITCHEN_TASKS[env_id])
 
 
+def _natural_key(name: str) -> tuple:
+    """demo_2 before demo_10: robomimic names its episodes demo_<integer>."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def check_robomimic_env_args(env_args: dict, env_id: str, path: Path) -> None:
+    """Raise DatasetError unless a robomimic file's env metadata is env_id's task as the env here builds it."""
+    expected = ROBOMIMIC_TASKS[env_id].robosuite_env
+    kwargs = env_args.get("env_kwargs", {})
+    problems = []
+    if env_args.get("env_name") != expected:
+        problems.append(f"it holds demonstrations of {env_args.get('env_name')!r}, {env_id} is robosuite's {expected!r}")
+    if env_args.get("env_version") != ROBOSUITE_VERSION:
+        problems.append(f"it was recorded with robosuite {env_args.get('env_version')}, this env is robosuite "
+                        f"{ROBOSUITE_VERSION} (robomimic's *_v141.hdf5 files)")
+    controller = kwargs.get("controller_configs", {}).get("type")
+    if controller != "OSC_POSE":
+        problems.append(f"its actions are for the {controller} controller, this env uses OSC_POSE")
+    if kwargs.get("control_freq") != 20:
+        problems.append(f"it was recorded at {kwargs.get('control_freq')} Hz, this env runs at 20 Hz")
+    if problems:
+        raise DatasetError(f"{path} does not match {env_id}: {'; '.join(problems)}. Pass the matching robomimic file "
+                           "(e.g. can/mh/low_dim_v141.hdf5 for Robomimic-Can-v0, square/mh/low_dim_v141.hdf5 for "
+                           "Robomimic-Square-v0), or leave --dataset-path out to use the generated demonstrations.")
+
+
+def read_robomimic(path: Path, env_id: str) -> dict[str, np.ndarray]:
+    """Read a robomimic low-dim HDF5 file into the flat layout, after checking its env metadata against env_id.
+
+    Observations concatenate ROBOMIMIC_OBS_KEYS in that order; episodes (data/demo_<i>, in the order of i) never
+    terminate (DPPO's protocol): each one's last step is a timeout. Rewards are the file's (1 in the success state).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Dataset file {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or "env_args" not in f["data"].attrs:
+                raise DatasetError(f"{path} is not a robomimic file: it has no data group with an env_args attribute")
+            check_robomimic_env_args(json.loads(f["data"].attrs["env_args"]), env_id, path)
+            names = sorted((name for name in f["data"] if name.startswith("demo")), key=_natural_key)
+            if not names:
+                raise DatasetError(f"{path} holds no demonstrations (no data/demo_<i> groups)")
+            parts = {key: [] for key in ("observations", "actions", "rewards", "timeouts")}
+            for name in names:
+                demo = f["data"][name]
+                missing = [f"obs/{key}" for key in ROBOMIMIC_OBS_KEYS if f"obs/{key}" not in demo]
+                missing += [key for key in ("actions", "rewards") if key not in demo]
+                if missing:
+                    raise DatasetError(f"{path}: data/{name} lacks {missing}; a robomimic low-dim file has them")
+                parts["observations"].append(np.concatenate([demo[f"obs/{key}"][()] for key in ROBOMIMIC_OBS_KEYS], 1))
+                parts["actions"].append(demo["actions"][()])
+                parts["rewards"].append(demo["rewards"][()])
+                timeouts = np.zeros(len(demo["actions"]), dtype=bool)
+                timeouts[-1] = True
+                parts["timeouts"].append(timeouts)
+    except OSError as e:  # what h5py raises for a file that is not HDF5, or is truncated or damaged
+        raise DatasetError(f"Cannot read {path} as HDF5 ({e}): it is truncated or damaged. Copy or generate it "
+                           "again.") from None
+    data = {key: np.concatenate(value) for key, value in parts.items()}
+    if data["observations"].shape[1] != ROBOMIMIC_OBS_DIM:
+        raise DatasetError(f"{path}: the observation keys {ROBOMIMIC_OBS_KEYS} add up to "
+                           f"{data['observations'].shape[1]} dims, {env_id} has {ROBOMIMIC_OBS_DIM}")
+    return {
+        "observations": data["observations"].astype(np.float32),
+        "actions": data["actions"].astype(np.float32),
+        "rewards": data["rewards"].astype(np.float32),
+        "terminals": np.zeros(len(data["actions"]), dtype=bool),
+        "timeouts": data["timeouts"],
+    }
+
+
+def _generated_robomimic(env_id: str) -> Path:
+    """The generated demonstrations of env_id (utils/make_demos.py's defaults), generating them on first use."""
+    from utils.make_demos import demo_path, generate  # imports robosuite, which only these tasks need
+
+    path = demo_path(env_id)
+    if not path.is_file():
+        print(f"{env_id}: generating the scripted demonstrations once into {path} (python -m utils.make_demos "
+              f"{env_id} does the same; set ROBOMIMIC_DEMO_DIR to put them elsewhere)")
+        generate(env_id)
+    return path
+
+
 def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = None) -> dict[str, np.ndarray]:
     """Load an offline dataset in D4RL's flat layout (see the module docstring).
 
     dataset_path: a D4RL-layout HDF5 file, no checksum; rewards are relabelled only for kitchen ids (D4RL's kitchen
-    format). Otherwise source "d4rl" (verified file from dataset_dir(), else shipped with the repository, else
-    downloaded) or "minari" (local Minari dataset), kitchen ids only.
+    format); for robomimic ids a robomimic HDF5 file. Otherwise, for kitchen ids, source "d4rl" (verified file from
+    dataset_dir(), else shipped with the repository, else downloaded) or "minari" (local Minari dataset); for
+    robomimic ids source "scripted": the demonstrations of utils/make_demos.py (generated on first use).
     """
     check_env_id(env_id, has_dataset_path=dataset_path is not None)
+    if is_robomimic(env_id):
+        if dataset_path is not None:
+            return read_robomimic(Path(dataset_path), env_id)
+        if source != "scripted":
+            raise ValueError(f"{env_id}'s built-in demonstrations are the scripted ones (--dataset-source scripted); "
+                             "for a robomimic file pass --dataset-path")
+        return read_robomimic(_generated_robomimic(env_id), env_id)
     if dataset_path is not None:
         data = _read_hdf5(Path(dataset_path))
         return _relabel_kitchen(data) if is_kitchen(env_id) else data
@@ -252,4 +352,4 @@ def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = N
         return _relabel_kitchen(_read_hdf5(_fetch_d4rl(env_id)))
     if source == "minari":
         return _load_minari(env_id)
-    raise ValueError(f"Unknown dataset source {source!r}; use 'd4rl' or 'minari'")
+    raise ValueError(f"Unknown dataset source {source!r} for {env_id}; use 'd4rl' or 'minari'")

@@ -1,7 +1,13 @@
-"""Environment construction: FrankaKitchen-v1 behind D4RL's kitchen interface, score bookkeeping and action chunks."""
+"""Environment construction: FrankaKitchen-v1 behind D4RL's kitchen interface, robosuite's Can and Square behind
+robomimic's low-dim interface with DPPO's protocol, score bookkeeping and action chunks."""
 
+import contextlib
 import difflib
+import importlib.util
 import os
+import sys
+import types
+from dataclasses import dataclass
 from typing import Callable
 
 import gymnasium as gym
@@ -35,9 +41,27 @@ KITCHEN_TASKS: dict[str, list[str]] = {
 KITCHEN_QPOS_DIM = 30  # 9 robot joints + 21 object coordinates; D4RL's goal vector is indexed like this qpos
 KITCHEN_OBS_DIM = 60  # robot qpos (9) + object qpos (21) + goal (30)
 VIDEO_WIDTH, VIDEO_HEIGHT = 320, 240
+
+
+@dataclass(frozen=True)
+class RobomimicTask:
+    """A robomimic low-dim task: its robosuite env class and DPPO's episode length (env steps)."""
+
+    robosuite_env: str
+    max_episode_steps: int
+
+
+ROBOMIMIC_TASKS: dict[str, RobomimicTask] = {
+    "Robomimic-Can-v0": RobomimicTask("PickPlaceCan", 300),
+    "Robomimic-Square-v0": RobomimicTask("NutAssemblySquare", 400),
+}
+# robomimic's low_dim observation, in the order DPPO concatenates it: 3 + 4 + 2 + 14 = 23 dims for Can and Square.
+ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+ROBOMIMIC_OBS_DIM, ROBOMIMIC_ACTION_DIM = 23, 7
+ROBOSUITE_VERSION = "1.4.1"
 SUPPORTED_ENVS = (
-    f"Supported: {', '.join(KITCHEN_TASKS)}, or any registered Gymnasium id with Box observation and action spaces "
-    "together with --dataset-path."
+    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS])}, or any registered Gymnasium id with Box observation "
+    "and action spaces together with --dataset-path."
 )
 
 
@@ -46,21 +70,28 @@ def is_kitchen(env_id: str) -> bool:
     return env_id in KITCHEN_TASKS
 
 
+def is_robomimic(env_id: str) -> bool:
+    """Whether env_id is one of the robomimic low-dim ids served by robosuite."""
+    return env_id in ROBOMIMIC_TASKS
+
+
 def check_env_id(env_id: str, has_dataset_path: bool) -> None:
-    """Raise ValueError unless env_id is a kitchen id, or a registered Gymnasium id and a dataset path is given.
+    """Raise ValueError unless env_id is a kitchen or robomimic id, or a registered Gymnasium id and a dataset path
+    is given.
 
     Looks the id up in Gymnasium's registry only; no env is built.
     """
-    if is_kitchen(env_id):
+    if is_kitchen(env_id) or is_robomimic(env_id):
         return
     if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, [*KITCHEN_TASKS, *gym.registry], n=1, cutoff=0.8)
+        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *gym.registry]
+        close = difflib.get_close_matches(env_id, known, n=1, cutoff=0.8)
         suggestion = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
     if not has_dataset_path:
         raise ValueError(
-            f"{env_id} has no built-in dataset (only {', '.join(KITCHEN_TASKS)} do): pass --dataset-path with a "
-            "D4RL-layout HDF5 file of its demonstrations."
+            f"{env_id} has no built-in dataset (only {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS])} do): pass "
+            "--dataset-path with a D4RL-layout HDF5 file of its demonstrations."
         )
 
 
@@ -185,6 +216,151 @@ class ActionChunk(gym.Wrapper):
         return obs, total_reward, terminated, truncated, info
 
 
+def import_robosuite():
+    """Import robosuite 1.4.1 without its import-time side effects, and return it.
+
+    On import, robosuite forces MUJOCO_GL=egl (its macro MUJOCO_GPU_RENDERING) and loads an EGL context, which fails
+    on machines without libEGL even when nothing is rendered; and it warns that no private macro file exists. Unless
+    the user has a robosuite/macros_private.py, a stand-in turns GPU rendering off when MUJOCO_GL=disable (or another
+    "off" value) is set, so that such machines can run the state tasks, and keeps robosuite's default otherwise.
+    """
+    if "robosuite" not in sys.modules:
+        package = importlib.util.find_spec("robosuite")  # locates the package without importing it
+        if package is None:
+            raise ModuleNotFoundError(
+                f"The robomimic tasks need robosuite=={ROBOSUITE_VERSION}: pip install -r requirements.txt -c constraints.txt"
+            )
+        has_private_macros = any(
+            os.path.exists(os.path.join(folder, "macros_private.py")) for folder in package.submodule_search_locations
+        )
+        if not has_private_macros and "robosuite.macros_private" not in sys.modules:
+            macros = types.ModuleType("robosuite.macros_private")
+            gl = os.environ.get("MUJOCO_GL", "").lower()
+            macros.MUJOCO_GPU_RENDERING = gl not in ("disable", "disabled", "off", "false", "0")
+            sys.modules["robosuite.macros_private"] = macros
+    import robosuite
+
+    return robosuite
+
+
+def robosuite_kwargs(robosuite_env: str, render: bool = False) -> dict:
+    """robosuite.make's arguments for robomimic's low-dim datasets (robomimic v141, DPPO's env metadata): Panda,
+    OSC_POSE deltas, 20 Hz control, sparse reward, no horizon (truncation is the wrapper's)."""
+    robosuite = import_robosuite()
+    return dict(
+        env_name=robosuite_env,
+        robots="Panda",
+        controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),
+        has_renderer=False,
+        has_offscreen_renderer=render,
+        use_camera_obs=False,
+        use_object_obs=True,
+        reward_shaping=False,
+        control_freq=20,
+        ignore_done=True,
+        # Objects are re-placed on every reset either way; a hard reset would also rebuild the model (slower).
+        hard_reset=False,
+    )
+
+
+@contextlib.contextmanager
+def _global_numpy_rng(rng: np.random.RandomState):
+    """Let code that draws from numpy's global RNG (robosuite's object placement) draw from rng instead."""
+    saved = np.random.get_state()
+    np.random.set_state(rng.get_state())
+    try:
+        yield
+    finally:
+        rng.set_state(np.random.get_state())
+        np.random.set_state(saved)
+
+
+def robomimic_observation(raw_obs: dict) -> np.ndarray:
+    """robomimic's low-dim vector from robosuite's observation dict: its "object" key is robosuite's object-state."""
+    parts = [raw_obs["object-state" if key == "object" else key] for key in ROBOMIMIC_OBS_KEYS]
+    return np.concatenate(parts, axis=-1).astype(np.float32)
+
+
+class RobomimicLowDim(gym.Env):
+    """robosuite's Can or Square task with Gymnasium's API and robomimic's 23-dim low-dim observation.
+
+    Reward: robosuite's sparse reward, 1 on every step in the task's success state. Episodes never terminate (DPPO's
+    protocol; the time limit is make_env's). Infos carry "success_state" (this step) and "success" /
+    "normalized_score" (some step so far was a success, 100 if so); ChunkSuccess refines them to DPPO's rule.
+    Resets are seeded: reset(seed=s) fixes the object placement of this and the following resets.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, env_id: str, render_mode: str | None = None, camera: str = "agentview"):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        robosuite = import_robosuite()
+        self.task = ROBOMIMIC_TASKS[env_id]
+        self.env = robosuite.make(**robosuite_kwargs(self.task.robosuite_env, render=render_mode is not None))
+        if render_mode is not None:
+            _disable_costly_rendering(self.env.sim.model._model)
+        self.render_mode, self.camera = render_mode, camera
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (ROBOMIMIC_OBS_DIM,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ROBOMIMIC_ACTION_DIM,), np.float32)
+        self.placement_rng = np.random.RandomState()
+        self.succeeded = False
+
+    def _info(self, success_state: bool) -> dict:
+        self.succeeded |= success_state
+        return {"success_state": success_state, "success": self.succeeded, "normalized_score": 100.0 * self.succeeded}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Reset robosuite with the objects placed by this env's own RNG (seeded by `seed` when given)."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self.placement_rng = np.random.RandomState(seed)
+        with _global_numpy_rng(self.placement_rng):
+            raw_obs = self.env.reset()
+        self.succeeded = False
+        return robomimic_observation(raw_obs), self._info(bool(self.env._check_success()))
+
+    def step(self, action):
+        """One 20 Hz control step; robosuite's own done flag is ignored (ignore_done) and never terminates."""
+        raw_obs, reward, _, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        return robomimic_observation(raw_obs), float(reward), False, False, self._info(bool(reward > 0))
+
+    def render(self):
+        """The camera's image (height, width, 3), uint8, upright."""
+        frame = self.env.sim.render(width=VIDEO_WIDTH, height=VIDEO_HEIGHT, camera_name=self.camera)
+        return frame[::-1]
+
+    def close(self):
+        self.env.close()
+
+
+class ChunkSuccess(gym.Wrapper):
+    """DPPO's robomimic success rule on a chunked env: an episode succeeds once a chunk of act_steps actions was in
+    the success state at every step (chunk reward = act_steps). Sets info "success" and "normalized_score" (100 if
+    success) on every step.
+    """
+
+    def __init__(self, env: gym.Env, act_steps: int):
+        super().__init__(env)
+        self.act_steps = act_steps
+        self.succeeded = False
+
+    def _score(self, info: dict) -> dict:
+        info["success"] = self.succeeded
+        info["normalized_score"] = 100.0 * self.succeeded
+        return info
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.succeeded = False
+        return obs, self._score(info)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.succeeded |= reward >= self.act_steps
+        return obs, reward, terminated, truncated, self._score(info)
+
+
 def _disable_costly_rendering(model) -> None:
     """Turn off shadows and reflections: they make software/EGL rendering of the kitchen scene several times slower."""
     model.light_castshadow[:] = 0
@@ -204,9 +380,12 @@ def _request_headless_rendering() -> None:
 
 
 def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One unchunked env: FrankaKitchen-v1 behind KitchenD4RLAdapter for kitchen ids, else gym.make + ScoreInfo."""
+    """One unchunked env: FrankaKitchen-v1 behind KitchenD4RLAdapter for kitchen ids, robosuite behind
+    RobomimicLowDim and DPPO's time limit for robomimic ids, else gym.make + ScoreInfo."""
     if render_mode is not None:
         _request_headless_rendering()
+    if is_robomimic(env_id):
+        return gym.wrappers.TimeLimit(RobomimicLowDim(env_id, render_mode), ROBOMIMIC_TASKS[env_id].max_episode_steps)
     if is_kitchen(env_id):
         render_kwargs = {} if render_mode is None else dict(render_mode=render_mode, width=VIDEO_WIDTH, height=VIDEO_HEIGHT)
         # D4RL's semantics: each subtask pays once and the episode terminates once all four are done
@@ -232,7 +411,8 @@ def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
 def make_env(
     env_id: str, seed: int, idx: int, act_steps: int, capture_video: bool = False, run_name: str = ""
 ) -> Callable[[], gym.Env]:
-    """CleanRL-style thunk: adapted env, videos of env 0 to videos/{run_name}, action chunks, seeded action space."""
+    """CleanRL-style thunk: adapted env, videos of env 0 to videos/{run_name}, action chunks (with DPPO's success
+    rule for robomimic ids), seeded action space."""
 
     def thunk() -> gym.Env:
         record = capture_video and idx == 0
@@ -241,6 +421,8 @@ def make_env(
             # Inside the chunking so that every env step becomes a video frame.
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         env = ActionChunk(env, act_steps)
+        if is_robomimic(env_id):
+            env = ChunkSuccess(env, act_steps)
         env.action_space.seed(seed + idx)
         return env
 
