@@ -144,6 +144,20 @@ def test_import_works_with_rendering_disabled_where_there_is_no_egl():
     assert output.stdout.strip().splitlines()[-1] == "disable"
 
 
+def test_frames_are_rendered_only_when_asked_for(can_env):
+    assert not can_env.unwrapped.env.has_offscreen_renderer  # training envs never pay for rendering
+    env = build_env(CAN, render_mode="rgb_array")
+    frames = []
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        frames.append(env.render())
+    env.close()
+    assert frames[0].shape == (240, 320, 3) and frames[0].dtype == np.uint8
+    assert frames[0].std() > 10 and np.abs(frames[0].astype(int) - frames[1]).max() > 50  # the can moved
+    # upright: the top rows show the far wall and the robot, the bottom rows the floor under the tables (brighter)
+    assert frames[0][-20:].mean() > frames[0][:20].mean()
+
+
 # ------------------------------------------------------------------------------------------------ robomimic reader
 def fake_demo(length: int, offset: float) -> dict:
     """A demo whose every observation entry is offset + its time step (robot0_eef_pos gets +0.1, etc.)."""
@@ -222,3 +236,20 @@ def test_reader_refuses_the_can_file_for_square_and_non_robomimic_files(fake_can
 def test_robomimic_ids_take_their_demonstrations_from_the_scripted_source():
     with pytest.raises(ValueError, match="--dataset-source scripted"):
         load_dataset(CAN, source="d4rl")
+
+
+# ------------------------------------------------------------------------------------------------ per-task defaults
+@pytest.mark.parametrize("script", ["otpr", "idql_baseline", "dql_baseline", "qsm_baseline", "dppo_baseline"])
+def test_robomimic_ids_bring_the_papers_settings_and_explicit_flags_win(script, monkeypatch):
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [script, "--env-id", CAN])
+    args = module.parse_args()
+    assert args.gamma == 0.999 and args.dataset_source == "scripted" and args.chunk_size == 4
+    assert args.critic_hidden == (256, 256, 256)
+    assert args.num_steps == (300 if script == "dppo_baseline" else 75)  # one Can episode (DPPO: its n_steps)
+    monkeypatch.setattr(sys, "argv", [script, "--env-id", SQUARE, "--gamma", "0.9", "--num-steps", "7"])
+    args = module.parse_args()
+    assert args.gamma == 0.9 and args.num_steps == 7 and args.dataset_source == "scripted"
+    monkeypatch.setattr(sys, "argv", [script])
+    args = module.parse_args()
+    assert args.gamma == 0.99 and args.dataset_source == "d4rl"  # the kitchen's defaults are untouched

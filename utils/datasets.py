@@ -50,6 +50,8 @@ D4RL_KITCHEN_FILES: dict[str, tuple[str, int, str | tuple[str, str]]] = {
 # D4RL files shipped with the repository (kitchen-complete only, see utils/data/README.md): used, after the same
 # verification, when dataset_dir() lacks them, so that Kitchen-Complete-v0 needs neither network nor setup.
 EMBEDDED_D4RL_DIR = Path(__file__).resolve().parent / "data" / "d4rl"
+# Small sets of generated robomimic demonstrations shipped for the tests (utils/data/README.md says how they were made).
+EMBEDDED_ROBOMIMIC_DIR = Path(__file__).resolve().parent / "data" / "robomimic"
 MINARI_KITCHEN_IDS = {
     "Kitchen-Complete-v0": "D4RL/kitchen/complete-v2",
     "Kitchen-Partial-v0": "D4RL/kitchen/partial-v2",

@@ -104,8 +104,9 @@ def run_episode(env_id: str, seed: int, index: int) -> dict | None:
     return demo
 
 
-def _run_episode_star(arguments):
-    return arguments[1], run_episode(*arguments)
+def _indexed_episode(arguments: tuple[str, int, int]) -> tuple[int, dict | None]:
+    """(index, run_episode(env_id, seed, index)) for arguments = (env_id, seed, index): what the pool maps."""
+    return arguments[2], run_episode(*arguments)
 
 
 def write_demos(path: Path, env_id: str, demos: list[dict], attempts: int, seed: int) -> None:
@@ -125,10 +126,10 @@ def write_demos(path: Path, env_id: str, demos: list[dict], attempts: int, seed:
                 group.attrs["num_samples"] = len(demo["actions"])
                 group.attrs["model_file"] = demo["model_file"]
                 group.attrs["operator_style"] = demo["style"]
-                for key in ("actions", "rewards", "dones", "states"):
-                    group.create_dataset(key, data=demo[key])
-                for key, value in demo["obs"].items():
-                    group.create_dataset(f"obs/{key}", data=value)
+                arrays = {key: demo[key] for key in ("actions", "rewards", "dones", "states")}
+                arrays.update({f"obs/{key}": value for key, value in demo["obs"].items()})
+                for key, value in arrays.items():  # gzip: a third of the size; h5py and robomimic read it as is
+                    group.create_dataset(key, data=value, compression="gzip")
             names = np.array([f"demo_{i}" for i in range(len(demos))], dtype="S")
             num_valid = int(round(VALID_FRACTION * len(demos)))
             f.create_dataset("mask/train", data=names[num_valid:])
@@ -155,10 +156,10 @@ def generate(env_id: str, num_demos: int = 300, seed: int = 0, workers: int | No
     demos, attempts = [], 0
     with tqdm(total=num_demos, desc=f"generating {output.name}", unit="demo") as bar:
         if workers == 1:
-            results = map(_run_episode_star, tasks)
+            results = map(_indexed_episode, tasks)
         else:  # imap keeps index order, so the kept demos do not depend on the number of workers
             pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap(_run_episode_star, tasks)
+            results = pool.imap(_indexed_episode, tasks)
         try:
             for index, demo in results:
                 attempts = index + 1
