@@ -81,7 +81,7 @@ OPEN_WAIT = 8  # env steps to open the gripper fully after a release or a failed
 LOOSE_CLOSE_STEPS = (1, 2)  # env steps of closing in a loose grasp (the fingers stop short of the can)
 
 
-def _quat_to_mat(q: np.ndarray) -> np.ndarray:
+def quat_to_mat(q: np.ndarray) -> np.ndarray:
     """Rotation matrix of a quaternion in robosuite's (x, y, z, w) order."""
     x, y, z, w = q / np.linalg.norm(q)
     return np.array([
@@ -91,7 +91,7 @@ def _quat_to_mat(q: np.ndarray) -> np.ndarray:
     ])
 
 
-def _rotation_vector(R: np.ndarray) -> np.ndarray:
+def rotation_vector(R: np.ndarray) -> np.ndarray:
     """Axis-angle vector (unit axis times angle) of a rotation matrix whose angle is below pi."""
     angle = np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))
     axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
@@ -149,7 +149,7 @@ class CanOperator:
     def act(self, obs: dict) -> np.ndarray:
         """Returns the (7,) action in [-1, 1] for this observation: position deltas, rotation deltas, gripper."""
         eef, can = np.asarray(obs["robot0_eef_pos"], float), np.asarray(obs["Can_pos"], float)
-        rot = _quat_to_mat(np.asarray(obs["robot0_eef_quat"], float))
+        rot = quat_to_mat(np.asarray(obs["robot0_eef_quat"], float))
         if self.init_rot is None:
             self.init_rot = rot
         self._update_noise()
@@ -174,7 +174,7 @@ class CanOperator:
             pos_action += self.noise * (NOISE_FLOOR + (1.0 - NOISE_FLOOR) * min(1.0, norm / speed))
 
         # rotation that takes the current orientation back to the initial one, in the world frame
-        rot_error = _rotation_vector(self.init_rot @ rot.T)
+        rot_error = rotation_vector(self.init_rot @ rot.T)
         rot_action = ROT_GAIN * rot_error / ROT_SCALE + self.rng.normal(0.0, ROT_NOISE, 3)
         return np.clip(np.concatenate([pos_action, rot_action, [self.gripper]]), -1.0, 1.0)
 

@@ -29,6 +29,8 @@ from (env seed, rng seed).
 
 import numpy as np
 
+from utils.operator_can import quat_to_mat, rotation_vector
+
 PEG_HALF_HEIGHT = 0.1  # half-height of the peg boxes in robosuite's pegs arena
 NUT_HALF_THICKNESS = 0.01  # half-thickness of the nut's boxes
 # The handle site is 0.054 m from the nut centre, but the ring's wall reaches 0.044 m: the middle of the handle's free
@@ -100,25 +102,6 @@ _STYLES = {
         pause_len=(3, 12), regrasp_prob=0.3,
     ),
 }
-
-
-def _quat_to_mat(q):
-    """Rotation matrix of a unit quaternion in robosuite's (x, y, z, w) order."""
-    x, y, z, w = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def _rotation_vector(R):
-    """Axis-angle vector (unit axis times angle) of a rotation matrix whose angle is below pi."""
-    angle = np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))
-    axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    if angle < 1e-6:
-        return 0.5 * axis  # small-angle limit
-    return angle * axis / (2.0 * np.sin(angle))
 
 
 def _wrap(angle):
@@ -212,9 +195,9 @@ class SquareOperator:
 
     def act(self, obs: dict) -> np.ndarray:
         eef = np.asarray(obs["robot0_eef_pos"], dtype=float)
-        R_eef = _quat_to_mat(obs["robot0_eef_quat"])
+        R_eef = quat_to_mat(obs["robot0_eef_quat"])
         nut = np.asarray(obs["SquareNut_pos"], dtype=float)
-        R_nut = _quat_to_mat(obs["SquareNut_quat"])
+        R_nut = quat_to_mat(obs["SquareNut_quat"])
         wrist = np.arctan2(obs["robot0_joint_pos_sin"][6], obs["robot0_joint_pos_cos"][6])
         fingers = obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1]
         self.step += 1
@@ -237,7 +220,7 @@ class SquareOperator:
         pos *= min(1.0, speed / max(np.linalg.norm(pos), 1e-9))  # speed limit, keeping the direction
         # Orientation: pointing down, yaw turned by `turn` (in steps below pi, so the turn goes the intended way).
         R_target = _gripper_down(_yaw(R_eef) + np.clip(turn, -MAX_TURN, MAX_TURN))
-        rot = p["rot_gain"] * _rotation_vector(R_target @ R_eef.T)
+        rot = p["rot_gain"] * rotation_vector(R_target @ R_eef.T)
         rot *= min(1.0, p["rot_speed"] / max(np.linalg.norm(rot), 1e-9))
         cmd = np.concatenate([pos, rot])
 
