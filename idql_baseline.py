@@ -37,6 +37,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled and a GPU is present, run on it; otherwise fall back to the CPU with a message"""
+    cuda_graphs: bool = True
+    """on a GPU, replay each pre-training step, critic update, actor update and exploration sample as one CUDA graph"""
     capture_video: bool = False
     """if toggled, record videos of the first evaluation env to `videos/<run_name>`"""
     resume: Optional[str] = None
@@ -381,12 +383,12 @@ def guidance_weights(obs, actions, qf_target, vf, args: Args):
 
 
 @torch.no_grad()
-def select_candidates(obs, policy, weigh, args: Args, deterministic: bool = False, generator=None):
-    """Draws S samples per state and keeps one per state, drawn with probability proportional to weigh(s, a).
+def select_candidates(obs, sample, weigh, args: Args, generator=None):
+    """Draws S chunks per state with `sample` (states -> chunks: the exploring or the deterministic sampler) and keeps
+    one per state, drawn with probability proportional to weigh(s, a).
     Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
     n, num_candidates = len(obs), args.num_candidates
-    candidates = policy.sample(obs.repeat_interleave(num_candidates, 0), deterministic, args.min_sampling_std,
-                               args.noise_clip, generator).view(n, num_candidates, -1)
+    candidates = sample(obs.repeat_interleave(num_candidates, 0)).view(n, num_candidates, -1)
     weights = weigh(obs[:, None].expand(-1, num_candidates, -1), candidates)
     all_zero = weights.sum(1) == 0
     weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
@@ -394,6 +396,51 @@ def select_candidates(obs, policy, weigh, args: Args, deterministic: bool = Fals
     return candidates[torch.arange(n, device=obs.device), choice], all_zero
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs: on a GPU, each update runs as one captured graph (docs/speed.md)
+# ----------------------------------------------------------------------------------------------------------------
+def graph_input_tensors(inputs) -> list:
+    """The tensors among the inputs of a CudaGraph (tensors, dicts of tensors, or None), in a fixed order."""
+    return [t for x in inputs if x is not None for t in (x.values() if isinstance(x, dict) else [x])]
+
+
+class CudaGraph:
+    """Calls fn(*inputs), on a GPU as one captured CUDA graph. This algorithm's updates and denoising loops are many
+    small kernels whose launch costs more than their arithmetic; a graph replays them all with one launch
+    (docs/speed.md). The first `warmup` calls run eagerly on a side stream, as capture requires, and count like any
+    other call; the next one captures fn on static copies of its inputs and replays it; later calls copy their inputs
+    in and replay. Inputs keep their shapes from then on; outputs are the graph's own tensors, overwritten by the next
+    call. CUDA's random numbers are graph-safe: a replay draws what an eager call would. Disabled, it calls fn."""
+
+    def __init__(self, fn, enabled: bool, warmup: int = 2):
+        self.fn, self.enabled, self.warmup, self.calls, self.graph = fn, enabled, warmup, 0, None
+
+    def __call__(self, *inputs):
+        if not self.enabled:
+            return self.fn(*inputs)
+        if self.calls < self.warmup:
+            self.calls += 1
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                outputs = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return outputs
+        if self.graph is None:
+            self.static_inputs = [x if x is None else {k: v.clone() for k, v in x.items()} if isinstance(x, dict)
+                                  else x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.fn(*self.static_inputs)
+        else:
+            for static, new in zip(graph_input_tensors(self.static_inputs), graph_input_tensors(inputs), strict=True):
+                if static.shape != new.shape:
+                    raise ValueError(f"CudaGraph input of shape {tuple(new.shape)}, captured {tuple(static.shape)}")
+                static.copy_(new)
+        self.graph.replay()
+        return self.static_outputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,32 +496,41 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
     """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning).
     Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
     continues from there to the same weights as an uninterrupted one."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.pretrain_lr, weight_decay=1e-6, fused=True)
+    # The learning rate is a tensor on the policy's device, set in place before every step from the schedule, so that
+    # the step can be one CUDA graph
+    lr = torch.zeros((), device=dataset_obs.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-6, fused=True, capturable=True)
     warmup = max(1, args.pretrain_steps // 100)
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = copy.deepcopy(policy).requires_grad_(False)
-    resumable = {"policy": policy, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    resumable = {"policy": policy, "ema": ema, "optimizer": optimizer}
     start, losses = 0, []
     if partial_path.exists():
         state = torch.load(partial_path, map_location="cpu", weights_only=False)
         for key, module in resumable.items():
             module.load_state_dict(state[key])
+        optimizer.param_groups[0]["lr"] = lr  # not the saved copy: the steps read this tensor
         start, losses = state["step"], state["losses"]
         set_rng_state(state["rng"])
         print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
-    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
-        idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
-        loss = policy.loss(dataset_actions[idx], dataset_obs[idx]).mean()
-        check_finite(loss, "pre-training loss", step)
+
+    def bc_step(obs, actions):
+        loss = policy.loss(actions, obs).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        scheduler.step()
+        return loss.detach()
+
+    bc_update = CudaGraph(bc_step, args.cuda_graphs and dataset_obs.device.type == "cuda")
+    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
+        idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
+        lr.fill_(args.pretrain_lr * schedule(step))
+        loss = bc_update(dataset_obs[idx], dataset_actions[idx])
         with torch.no_grad():  # copy for the first 1000 steps, then average
             decay = args.ema_decay if step >= 1000 else 0.0
             torch._foreach_lerp_(list(ema.parameters()), list(policy.parameters()), 1 - decay)
-        if step % 100 == 0:
+        if step % 100 == 0:  # checked here, not every step: reading a GPU's loss waits for its queue to drain
+            check_finite(loss, "pre-training loss", step)
             losses.append(loss.item())
             writer.add_scalar("losses/pretrain_dsm", loss.item(), step)
         if (step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps:
@@ -573,7 +629,8 @@ def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args,
         if protocol == "single":
             actions = policy.sample(obs_n, deterministic=True, generator=generator)
         else:
-            actions, _ = select_candidates(obs_n, policy, weigh, args, deterministic=True, generator=generator)
+            deterministic = partial(policy.sample, deterministic=True, generator=generator)
+            actions, _ = select_candidates(obs_n, deterministic, weigh, args, generator=generator)
         obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
         episode_return += reward
         for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
@@ -636,16 +693,35 @@ if __name__ == "__main__":
     qf = TwinQ(obs_dim, action_dim, args.critic_hidden).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     vf = mlp(obs_dim, args.critic_hidden, 1).to(device)
-    # fused: one kernel updates every parameter, on the CPU as on the GPU (docs/speed.md)
-    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)
-    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, fused=True)
-    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=args.actor_lr, fused=True)
+    # fused: one kernel updates every parameter, on the CPU as on the GPU; capturable: the step may be part of a
+    # CUDA graph (docs/speed.md)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
+    actor_optimizer = torch.optim.Adam(policy.parameters(), lr=args.actor_lr, fused=True, capturable=True)
     replay = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
     if args.offline_data_in_buffer:
         replay.add(normalized_chunks)
     checkpointed = {"policy": policy, "qf": qf, "qf_target": qf_target, "vf": vf, "q_optimizer": q_optimizer,
                     "v_optimizer": v_optimizer, "actor_optimizer": actor_optimizer, "replay": replay}
     weigh = partial(guidance_weights, qf_target=qf_target, vf=vf, args=args)
+
+    # On a GPU every critic update, actor update and exploration sample is one CUDA graph (CudaGraph): same computation,
+    # one launch instead of hundreds
+    graphs = args.cuda_graphs and device.type == "cuda"
+    critic_update = CudaGraph(partial(update_critics, qf=qf, qf_target=qf_target, vf=vf, q_optimizer=q_optimizer,
+                                      v_optimizer=v_optimizer, args=args), graphs)
+    sample_exploring = partial(policy.sample, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
+    explore = CudaGraph(sample_exploring, graphs)
+
+    def actor_step(obs_batch, actions_batch):
+        # IDQL-Imp: plain behaviour cloning on the replay buffer, which holds the critic-selected actions
+        loss = policy.loss(actions_batch, obs_batch).mean()
+        actor_optimizer.zero_grad()
+        loss.backward()
+        actor_optimizer.step()
+        return loss.detach()
+
+    actor_update = CudaGraph(actor_step, graphs)
 
     envs = make_vector_env(args, args.seed, args.num_envs)
     eval_envs = make_vector_env(args, args.seed + 100_000, args.num_envs, args.capture_video, run_name)
@@ -691,7 +767,7 @@ if __name__ == "__main__":
         for step in range(args.num_steps):
             tic = time.perf_counter()
             obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            actions, _ = select_candidates(obs_n, policy, weigh, args)
+            actions, _ = select_candidates(obs_n, explore, weigh, args)
             env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
             timings["sampling"] += time.perf_counter() - tic
 
@@ -723,20 +799,15 @@ if __name__ == "__main__":
         # ALGO LOGIC: training
         tic = time.perf_counter()
         for update in range(updates_per_iteration):
-            critic_stats = update_critics(replay.sample(args.critic_batch_size), qf, qf_target, vf,
-                                          q_optimizer, v_optimizer, args)
+            critic_stats = critic_update(replay.sample(args.critic_batch_size))
         check_finite(critic_stats["q_loss"] + critic_stats["v_loss"], "critic loss", global_step)
         timings["critic"] += time.perf_counter() - tic
 
         if iteration >= args.critic_warmup_iterations:
             tic = time.perf_counter()
             for update in range(updates_per_iteration):
-                # IDQL-Imp: plain behaviour cloning on the replay buffer, which holds the critic-selected actions
                 batch = replay.sample(args.actor_batch_size, ("obs", "actions"))
-                loss = policy.loss(batch["actions"], batch["obs"]).mean()
-                actor_optimizer.zero_grad()
-                loss.backward()
-                actor_optimizer.step()
+                loss = actor_update(batch["obs"], batch["actions"])
             check_finite(loss, "actor loss", global_step)
             writer.add_scalar("losses/actor", loss.item(), global_step)
             timings["actor"] += time.perf_counter() - tic

@@ -5,6 +5,7 @@ weights, a broken chunking of the demonstrations, a uniform choice among candida
 """
 import copy
 import dataclasses
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -105,7 +106,7 @@ class FixedCandidates:
 
     values = torch.tensor([-0.9, -0.3, 0.3, 0.9])
 
-    def sample(self, obs, deterministic=False, min_std=0.0, noise_clip=3.0, generator=None):
+    def sample(self, obs):
         return self.values.repeat(len(obs) // len(self.values))[:, None]
 
 
@@ -115,7 +116,7 @@ def test_candidates_are_drawn_in_proportion_to_their_weights(module):
     obs = torch.zeros(4000, 1)
     obs[:1000] = 1.0  # states with a zero weight for every candidate
     weigh = lambda o, a: torch.where(o[..., 0] > 0, 0.0, torch.tensor([0.0, 0.0, 1.0, 3.0]).expand(len(o), 4))
-    chosen, all_zero = module.select_candidates(obs, FixedCandidates(), weigh, args,
+    chosen, all_zero = module.select_candidates(obs, FixedCandidates().sample, weigh, args,
                                                 generator=torch.Generator().manual_seed(0))
     assert chosen.shape == (4000, 1)
     assert all_zero[:1000].all() and not all_zero[1000:].any()
@@ -177,7 +178,8 @@ def bimodal_replay(module, n=512):
 
 def train_actor(policy, replay, weigh, transport_cost, args, optimizer, num_updates):
     """The actor phase of one iteration, as otpr.py runs it."""
-    for obs, actions, weights in otpr.actor_minibatches(policy, replay, weigh, args, num_updates):
+    sample_exploring = partial(policy.sample, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
+    for obs, actions, weights in otpr.actor_minibatches(sample_exploring, replay, weigh, args, num_updates):
         loss = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
         optimizer.zero_grad()
         loss.backward()

@@ -180,7 +180,7 @@ def test_polyak_step_moves_the_target_critics_by_tau():
 class FixedCandidates:
     values = torch.tensor([-0.9, -0.3, 0.3, 0.9])
 
-    def sample(self, obs, deterministic=False, min_std=0.0, noise_clip=3.0, generator=None):
+    def sample(self, obs):
         return self.values.repeat(len(obs) // len(self.values))[:, None]
 
 
@@ -188,7 +188,7 @@ def test_candidates_are_drawn_by_softmax_of_the_min_target_q():
     """Qbar = min(2a, 3a) + 40 (the offset tests the overflow guard): probabilities softmax(2a or 3a) over the four."""
     qf_target = linear_twin_q(1, [([0.0, 2.0], 40.0), ([0.0, 3.0], 40.0)])
     weigh = lambda obs, actions: dql.softmax_q_weights(obs, actions, qf_target)
-    chosen, all_zero = dql.select_candidates(torch.zeros(20000, 1), FixedCandidates(), weigh,
+    chosen, all_zero = dql.select_candidates(torch.zeros(20000, 1), FixedCandidates().sample, weigh,
                                              dql.Args(num_candidates=4), generator=torch.Generator().manual_seed(0))
     assert not all_zero.any()
     expected = torch.softmax(torch.tensor([-2.7, -0.9, 0.6, 1.8]), 0)

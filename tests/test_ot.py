@@ -4,6 +4,7 @@ With uniform weights mu_i = 1/n, nu_j = 1/m, our problem min E_pi[c] + eps E_{mu
 min <pi, C> + (reg / 2) ||pi||^2 with reg = 2 eps n m, and the two duals coincide: u = alpha, v = beta.
 """
 import copy
+from functools import partial
 
 import numpy as np
 import ot
@@ -31,8 +32,9 @@ def fit_tabular_potentials(cost, epsilon, mask=None, max_steps=6000, tolerance=0
     v_net = otpr.mlp(m, (64, 64), 1, torch.nn.SiLU)
     optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=1e-3)
     states, actions = torch.eye(n), torch.eye(m)
-    stats = otpr.fit_potentials(u_net, v_net, optimizer, states, actions, cost, epsilon, mask,
-                                max_steps=max_steps, tolerance=tolerance)
+    ascend = partial(otpr.dual_ascent, u_net, v_net, optimizer, epsilon=epsilon, num_steps=25)
+    stats = otpr.fit_potentials(ascend, u_net, v_net, states, actions, cost, epsilon, mask,
+                                max_steps=max_steps, tolerance=tolerance, check_every=25)
     with torch.no_grad():
         h = otpr.compatibility(u_net(states), v_net(actions).T, cost, epsilon)
     return h if mask is None else h * mask, stats

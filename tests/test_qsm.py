@@ -131,7 +131,7 @@ class FixedCandidates:
 
     values = torch.tensor([-0.9, -0.3, 0.3, 0.9])
 
-    def sample(self, obs, deterministic=False, min_std=0.0, noise_clip=3.0, generator=None):
+    def sample(self, obs):
         return self.values.repeat(len(obs) // len(self.values))[:, None]
 
 
@@ -145,7 +145,7 @@ def test_select_protocol_draws_by_a_softmax_of_q_within_each_state():
         head[0].bias.data.zero_()
     obs = torch.cat([torch.zeros(3000, 1), torch.ones(3000, 1)])
     weigh = partial(qsm.softmax_q_weights, qf_target=qf_target)
-    chosen, all_zero = qsm.select_candidates(obs, FixedCandidates(), weigh, args,
+    chosen, all_zero = qsm.select_candidates(obs, FixedCandidates().sample, weigh, args,
                                              generator=torch.Generator().manual_seed(0))
     assert not all_zero.any()
     expected = torch.softmax(2 * FixedCandidates.values, 0)

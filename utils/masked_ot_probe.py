@@ -9,6 +9,7 @@ refitted on fresh draws for a few rounds (warm-started), and the plan is checked
 critic, so the cost is mostly the keypoint guidance.
 """
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ def main(rounds: int = 4, max_steps: int = 3000) -> None:
             spread = cost[mask > 0].std() if joint else cost.std()
             epsilon = args.ot_epsilon if joint else cost_fn.epsilon
             start = time.perf_counter()
-            fit = otpr.fit_potentials(u_net, v_net, optimizer, states, acts, cost / spread, epsilon, mask,
-                                      max_steps=max_steps, tolerance=args.ot_tolerance)
+            ascend = partial(otpr.dual_ascent, u_net, v_net, optimizer, epsilon=epsilon, num_steps=args.ot_check_every)
+            fit = otpr.fit_potentials(ascend, u_net, v_net, states, acts, cost / spread, epsilon, mask,
+                                      max_steps=max_steps, tolerance=args.ot_tolerance, check_every=args.ot_check_every)
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 states, acts, cost, mask = problem(joint)
