@@ -1,14 +1,16 @@
 """The robomimic demonstration generator: its scripted demos succeed and replay, its files are reproducible."""
 import json
+import multiprocessing
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
 
 import utils.make_demos as make_demos
-from utils.datasets import EMBEDDED_ROBOMIMIC_DIR, read_robomimic
+from utils.datasets import EMBEDDED_ROBOMIMIC_DIR, load_dataset, read_robomimic
 from utils.envs import ROBOMIMIC_TASKS, import_robosuite, robosuite_kwargs
 
 CAN, SQUARE = "Robomimic-Can-v0", "Robomimic-Square-v0"
@@ -84,6 +86,39 @@ def test_generate_keeps_successes_in_index_order_whatever_the_workers(workers, t
         assert [f[f"data/demo_{i}/actions"][0, 0] for i in range(3)] == [0.0, 2.0, 4.0]
         assert json.loads(f["data"].attrs["generator"])["attempts"] == 5
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_runs_started_together_generate_the_cache_once(tmp_path, monkeypatch):
+    """Three processes load the task's data on first use at once (as three seeds started together do): one generates
+    the file, the others wait for it and read it; none fails on a half-written file."""
+    monkeypatch.setenv("ROBOMIMIC_DEMO_DIR", str(tmp_path))
+    monkeypatch.setattr(make_demos, "run_episode", fake_low_dim_episode)
+    real_generate = make_demos.generate
+
+    def slow_generate(env_id, **kwargs):
+        with open(tmp_path / "calls", "a") as calls:
+            calls.write("1")
+        time.sleep(1.0)
+        return real_generate(env_id, num_demos=3, workers=1, output=make_demos.demo_path(env_id))
+
+    monkeypatch.setattr(make_demos, "generate", slow_generate)
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        sizes = pool.map(load_can_size, range(3))
+    assert (tmp_path / "calls").read_text() == "1"
+    assert sizes == [3] * 3  # every process read all three one-step demos
+
+
+def fake_low_dim_episode(env_id, seed, index):
+    """fake_episode with every low-dim observation key, so that the scripts' reader accepts its file."""
+    demo = fake_episode(env_id, seed, index)
+    if demo is not None:
+        demo["obs"].update({"robot0_eef_pos": np.zeros((1, 3)), "robot0_eef_quat": np.zeros((1, 4)),
+                            "robot0_gripper_qpos": np.zeros((1, 2))})
+    return demo
+
+
+def load_can_size(_):
+    return len(load_dataset(CAN, "scripted")["actions"])
 
 
 def test_generate_gives_up_when_too_few_episodes_succeed(tmp_path, monkeypatch):

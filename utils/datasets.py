@@ -9,6 +9,7 @@ Kitchen rewards are relabelled to the environment's convention (each subtask pay
 completed): D4RL stores as reward the number of subtasks completed so far, see relabel_kitchen_rewards.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -324,10 +325,18 @@ def _generated_robomimic(env_id: str) -> Path:
     from utils.make_demos import demo_path, generate  # imports robosuite, which only these tasks need
 
     path = demo_path(env_id)
-    if not path.is_file():
-        print(f"{env_id}: generating the scripted demonstrations once into {path} (python -m utils.make_demos "
-              f"{env_id} does the same; set ROBOMIMIC_DEMO_DIR to put them elsewhere)")
-        generate(env_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Runs started together (several seeds, say) generate the file once: the others wait for it on this lock.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{env_id}: another process is generating {path}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            print(f"{env_id}: generating the scripted demonstrations once into {path} (python -m utils.make_demos "
+                  f"{env_id} does the same; set ROBOMIMIC_DEMO_DIR to put them elsewhere)")
+            generate(env_id)
     return path
 
 

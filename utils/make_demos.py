@@ -113,7 +113,7 @@ def write_demos(path: Path, env_id: str, demos: list[dict], attempts: int, seed:
     """Write demos in robomimic's layout to path (through a temporary file, renamed at the end)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # two writers of one file never share a partial file
     try:
         with h5py.File(partial, "w") as f:
             data = f.create_group("data")
