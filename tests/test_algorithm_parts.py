@@ -302,3 +302,23 @@ def test_q_guidance_is_normalised_per_state():
     torch.testing.assert_close(w, torch.exp(torch.tensor([1.0, 1.0])))  # equal advantages, equal weights
     alone = otpr.guidance_weights(obs[:1], actions[:1], qf, vf, None, None, cost, args)
     torch.testing.assert_close(alone, w[:1])
+
+
+@BOTH
+def test_a_non_finite_loss_stops_the_run_naming_the_step(module):
+    module.check_finite(torch.tensor(1.5), "critic loss", 5)
+    with pytest.raises(FloatingPointError, match="critic loss is nan at step 7: lower the learning rates"):
+        module.check_finite(torch.tensor(float("nan")), "critic loss", 7)
+    with pytest.raises(FloatingPointError, match="actor loss is inf at step 0"):
+        module.check_finite(torch.tensor(float("inf")), "actor loss", 0)
+
+
+def test_pretraining_on_data_with_a_nan_stops_at_the_first_check(tmp_path):
+    """The pre-training loss is read every 100 steps (not every step, which would stall a GPU): step 0 is one."""
+    args = otpr.Args(actor_hidden=(16, 16, 16), denoising_steps=3, pretrain_steps=150, cuda_graphs=False)
+    policy = otpr.DiffusionPolicy(2, 3, args)
+    obs = torch.zeros(10, 2)
+    obs[:, 0] = float("nan")
+    writer = SimpleNamespace(add_scalar=lambda *a: None)
+    with pytest.raises(FloatingPointError, match="pre-training loss is nan at step 0"):
+        otpr.pretrain(policy, obs, torch.zeros(10, 3), args, writer, tmp_path / "partial.pt")
