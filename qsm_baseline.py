@@ -420,7 +420,6 @@ def select_candidates(obs, sample, weigh, args: Args, generator=None):
 
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA graphs: on a GPU, each update runs as one captured graph (docs/speed.md)
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,7 +531,7 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
         state = torch.load(partial_path, map_location="cpu", weights_only=False)
         for key, module in resumable.items():
             module.load_state_dict(state[key])
-        optimizer.param_groups[0]["lr"] = lr  # not the saved copy: the steps read this tensor
+        optimizer.param_groups[0].update(lr=lr, capturable=True)  # not the saved values: the steps read this tensor
         start, losses = state["step"], state["losses"]
         set_rng_state(state["rng"])
         print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
