@@ -1,16 +1,20 @@
 """Environment construction: FrankaKitchen-v1 behind D4RL's kitchen interface, robosuite's Can and Square behind
-robomimic's low-dim interface with DPPO's protocol, score bookkeeping and action chunks."""
+robomimic's low-dim interface with DPPO's protocol, score bookkeeping and action chunks; and the camera-image
+versions of these tasks (the *-Pixels-v0 ids: Dict(pixels, state) observations rendered offscreen by MuJoCo)."""
 
+import atexit
 import contextlib
 import difflib
 import importlib.util
 import os
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from farama_notifications import notifications
 
@@ -59,9 +63,43 @@ ROBOMIMIC_TASKS: dict[str, RobomimicTask] = {
 ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 ROBOMIMIC_OBS_DIM, ROBOMIMIC_ACTION_DIM = 23, 7
 ROBOSUITE_VERSION = "1.4.1"
+
+
+@dataclass(frozen=True)
+class PixelTask:
+    """A camera-image version of a kitchen or robomimic task: the state task it renders, and its cameras (the order of
+    the observation's images). A camera is a camera of the task's MuJoCo model, or a name in FREE_CAMERAS."""
+
+    state_env_id: str
+    cameras: tuple[str, ...]
+
+
+# Free (non-model) camera poses, in MjvCamera's terms. The kitchen model's own cameras (left_cap, right_cap) look at the
+# counter from the side and miss most of the scene. "kitchen_overview" is the camera D4RL renders the kitchen with
+# (the FrankaKitchen-v1 default: azimuth 70, elevation -35, looking at (-0.2, 0.5, 2.0)), pulled back from 2.2 m to
+# 2.5 m so that the square image holds the robot, the microwave, the kettle on the stove, the knob panel with the
+# light switch and both upper cabinets (the slide cabinet's door too, open or closed).
+FREE_CAMERAS: dict[str, dict] = {
+    "kitchen_overview": dict(distance=2.5, azimuth=70.0, elevation=-35.0, lookat=(-0.2, 0.5, 2.0)),
+}
+PIXEL_TASKS: dict[str, PixelTask] = {
+    "Kitchen-Complete-Pixels-v0": PixelTask("Kitchen-Complete-v0", ("kitchen_overview",)),
+    "Kitchen-Partial-Pixels-v0": PixelTask("Kitchen-Partial-v0", ("kitchen_overview",)),
+    "Kitchen-Mixed-Pixels-v0": PixelTask("Kitchen-Mixed-v0", ("kitchen_overview",)),
+    # robomimic's image datasets: the front view of the table and the wrist camera.
+    "Robomimic-Can-Pixels-v0": PixelTask("Robomimic-Can-v0", ("agentview", "robot0_eye_in_hand")),
+    "Robomimic-Square-Pixels-v0": PixelTask("Robomimic-Square-v0", ("agentview", "robot0_eye_in_hand")),
+}
+PIXEL_IMAGE_SIZE = 84  # square images, as robomimic's image datasets have them
+PIXEL_STATE_DIM = 9  # proprioception: kitchen robot joint positions; robomimic eef pos (3), eef quat (4), gripper (2)
+# Bump whenever a change here changes the rendered images (cameras, scene options): it keys the demonstrations'
+# cached images (utils.datasets.load_pixel_dataset), so that stale caches are rendered anew.
+PIXEL_RENDERER_VERSION = 1
+_GL_OFF = ("disable", "disabled", "off", "false", "0")
 SUPPORTED_ENVS = (
-    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS])}, or any registered Gymnasium id with Box observation "
-    "and action spaces together with --dataset-path."
+    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS])}, or any registered Gymnasium id with "
+    "Box observation and action spaces together with --dataset-path (for the camera-image scripts: a Dict(pixels, "
+    "state) observation)."
 )
 
 
@@ -75,23 +113,29 @@ def is_robomimic(env_id: str) -> bool:
     return env_id in ROBOMIMIC_TASKS
 
 
+def is_pixels(env_id: str) -> bool:
+    """Whether env_id is the camera-image version of a kitchen or robomimic task (a key of PIXEL_TASKS)."""
+    return env_id in PIXEL_TASKS
+
+
 def check_env_id(env_id: str, has_dataset_path: bool) -> None:
-    """Raise ValueError unless env_id is a kitchen or robomimic id, or a registered Gymnasium id and a dataset path
-    is given.
+    """Raise ValueError unless env_id is a kitchen or robomimic id (state or camera images), or a registered
+    Gymnasium id and a dataset path is given.
 
     Looks the id up in Gymnasium's registry only; no env is built.
     """
-    if is_kitchen(env_id) or is_robomimic(env_id):
+    if is_kitchen(env_id) or is_robomimic(env_id) or is_pixels(env_id):
         return
     if env_id not in gym.registry:
-        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *gym.registry]
+        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS, *gym.registry]
         close = difflib.get_close_matches(env_id, known, n=1, cutoff=0.8)
         suggestion = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
     if not has_dataset_path:
+        built_in = ", ".join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS])
         raise ValueError(
-            f"{env_id} has no built-in dataset (only {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS])} do): pass "
-            "--dataset-path with a D4RL-layout HDF5 file of its demonstrations."
+            f"{env_id} has no built-in dataset (only {built_in} do): pass --dataset-path with a D4RL-layout HDF5 file "
+            "of its demonstrations."
         )
 
 
@@ -150,14 +194,33 @@ class KitchenD4RLAdapter(gym.Wrapper):
         return kitchen_observation(raw_obs["observation"], self.goal), reward, terminated, truncated, self._add_score(info)
 
 
+def is_pixel_space(space: gym.spaces.Space) -> bool:
+    """Whether space is a camera-image observation space: Dict(pixels=Box uint8 (V, H, W, 3), state=Box (d,))."""
+    return (
+        isinstance(space, gym.spaces.Dict)
+        and set(space.spaces) == {"pixels", "state"}
+        and isinstance(space["pixels"], gym.spaces.Box)
+        and space["pixels"].dtype == np.uint8
+        and len(space["pixels"].shape) == 4
+        and space["pixels"].shape[-1] == 3
+        and isinstance(space["state"], gym.spaces.Box)
+        and len(space["state"].shape) == 1
+    )
+
+
 class ScoreInfo(gym.Wrapper):
-    """Adds "success" and "normalized_score" (undiscounted return so far) to the infos of any Box-space env."""
+    """Adds "success" and "normalized_score" (undiscounted return so far) to the infos of any env with Box spaces (or
+    a camera-image Dict(pixels, state) observation, see is_pixel_space)."""
 
     def __init__(self, env: gym.Env):
         for kind, space in (("observation", env.observation_space), ("action", env.action_space)):
-            if not isinstance(space, gym.spaces.Box):
+            if not isinstance(space, gym.spaces.Box) and not (kind == "observation" and is_pixel_space(space)):
                 env_name = env.spec.id if env.spec else type(env).__name__
-                raise ValueError(f"{env_name} has a non-Box {kind} space {space}; only Box spaces are supported")
+                raise ValueError(
+                    f"{env_name} has a non-Box {kind} space {space}; only Box spaces are supported (and, for the "
+                    "camera-image scripts, Dict(pixels=Box uint8 (cameras, height, width, 3), state=Box (d,)) "
+                    "observations)"
+                )
         super().__init__(env)
         self.episode_return = 0.0
 
@@ -379,9 +442,213 @@ def _request_headless_rendering() -> None:
         os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 
+_live_renderers = weakref.WeakSet()  # the CameraRenderers not closed yet, closed at exit
+_renderers_closed_at_exit = False
+
+
+class CameraRenderer:
+    """Offscreen MuJoCo renderer of a fixed list of cameras of one simulator (an MjModel and its MjData).
+
+    Uses gymnasium's OffScreenViewer, whose OpenGL backend is MUJOCO_GL's (EGL unless the user chose another, see
+    _request_headless_rendering), with shadows and reflections off (_disable_costly_rendering). A camera is a camera of
+    the model or a name in FREE_CAMERAS. hidden_geom_groups: geom groups not drawn (robosuite's offscreen renderer
+    hides group 0, the collision meshes). Several renderers may live in one process: each makes its own OpenGL
+    context current before drawing, and close() frees its MuJoCo and OpenGL contexts together.
+
+    The OpenGL context is created by the first render(), not here: gymnasium's AsyncVectorEnv builds one env in the
+    main process (for its spaces) before it forks the workers, and a worker forked after its parent initialized EGL
+    hangs (Mesa's rendering threads do not survive a fork). So a process that has rendered must not fork env workers.
+    """
+
+    def __init__(self, model, data, cameras: tuple[str, ...], size: int, hidden_geom_groups: tuple[int, ...] = ()):
+        if os.environ.get("MUJOCO_GL", "egl").lower() in _GL_OFF:
+            raise RuntimeError(
+                f"Camera images need offscreen rendering, but MUJOCO_GL={os.environ['MUJOCO_GL']} turns it off: unset "
+                "MUJOCO_GL (EGL is used) or set it to egl or osmesa."
+            )
+        self.model, self.data, self.cameras, self.size = model, data, tuple(cameras), size
+        self.hidden_geom_groups = tuple(hidden_geom_groups)
+        self.camera_ids = []
+        for camera in self.cameras:
+            camera_id = -1 if camera in FREE_CAMERAS else mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+            if camera not in FREE_CAMERAS and camera_id < 0:
+                raise ValueError(f"The model has no camera {camera!r} (and it is not one of FREE_CAMERAS)")
+            self.camera_ids.append(camera_id)
+        _disable_costly_rendering(model)
+        # The offscreen buffer only needs the image's size; the models' defaults (up to 2560 x 1920, multisampled)
+        # make reading the pixels back several times slower.
+        model.vis.global_.offwidth, model.vis.global_.offheight = size, size
+        self.viewer = None
+
+    def _open(self):
+        """Create the OpenGL context and gymnasium's OffScreenViewer on it."""
+        from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer  # imports glfw: only renderers need it
+
+        try:
+            viewer = OffScreenViewer(self.model, self.data, self.size, self.size)
+        except Exception as e:  # libEGL missing, no GPU/driver for the backend, ...
+            raise RuntimeError(
+                f"Cannot create an offscreen OpenGL context with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({e!r}). "
+                "Camera images need EGL (Debian/Ubuntu: apt-get install libegl1, plus libgl1-mesa-dri on machines "
+                "without a GPU) or OSMesa (MUJOCO_GL=osmesa, apt-get install libosmesa6)."
+            ) from e
+        for group in self.hidden_geom_groups:
+            viewer.vopt.geomgroup[group] = 0
+        global _renderers_closed_at_exit
+        if not _renderers_closed_at_exit:
+            # Registered after the first OpenGL context exists, so that it runs before mujoco.egl's own exit handler
+            # terminates the EGL display (handlers run last-registered first).
+            atexit.register(lambda: [renderer.close() for renderer in list(_live_renderers)])
+            _renderers_closed_at_exit = True
+        _live_renderers.add(self)
+        self.viewer = viewer
+
+    def render(self) -> np.ndarray:
+        """The cameras' images of the simulator's current qpos: (cameras, size, size, 3) uint8, upright RGB.
+
+        Recomputes the position-dependent quantities the picture is made of (body, geom and camera poses) from qpos
+        first, so that the image depends on qpos alone: after a physics step they lag one substep behind it. This
+        leaves the simulation itself alone (the next step recomputes them anyway).
+        """
+        if self.viewer is None:
+            self._open()
+        mujoco.mj_kinematics(self.model, self.data)
+        mujoco.mj_comPos(self.model, self.data)
+        mujoco.mj_camlight(self.model, self.data)
+        self.viewer.make_context_current()
+        images = np.empty((len(self.cameras), self.size, self.size, 3), dtype=np.uint8)
+        cam = self.viewer.cam
+        for i, (camera, camera_id) in enumerate(zip(self.cameras, self.camera_ids)):
+            if camera_id < 0:
+                pose = FREE_CAMERAS[camera]
+                cam.distance, cam.azimuth, cam.elevation = pose["distance"], pose["azimuth"], pose["elevation"]
+                cam.lookat[:] = pose["lookat"]
+            images[i] = self.viewer.render("rgb_array", camera_id=camera_id)  # flipped upright by the viewer
+        return images
+
+    def close(self) -> None:
+        """Free the MuJoCo rendering context in this renderer's own OpenGL context, then the OpenGL context.
+
+        (Freed later by the garbage collector, the MuJoCo context would delete the OpenGL objects of whichever context
+        is current then, another renderer's.)
+        """
+        viewer, self.viewer = getattr(self, "viewer", None), None
+        _live_renderers.discard(self)
+        if viewer is not None:
+            viewer.make_context_current()
+            viewer.con.free()
+            viewer.free()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the EGL display may already be terminated
+            pass
+
+
+class PixelObservation(gym.Wrapper):
+    """A kitchen or robomimic task with camera-image observations: Dict(pixels, state).
+
+    "pixels": (cameras, 84, 84, 3) uint8, upright RGB, one image per camera of PIXEL_TASKS[env_id].cameras, rendered
+    by render_pixels from the simulator's state after the step. "state": the state task's observation[:9]
+    (PIXEL_STATE_DIM; kitchen: the robot's 9 joint positions, robomimic: robot0_eef_pos, robot0_eef_quat,
+    robot0_gripper_qpos), float32. Rewards, terminations and infos are the wrapped env's.
+
+    Wraps the state task's env (built by build_env, possibly chunked: then one frame per chunk). render_pixels is
+    also what utils.datasets renders the demonstrations with, after set_simulator_state: a demonstration's frame is
+    the env's frame at the same state by construction. With render_mode "rgb_array", render() returns the first
+    camera's image of the last observation (what RecordVideo records for these ids).
+    """
+
+    def __init__(self, env: gym.Env, env_id: str, render_mode: str | None = None):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        super().__init__(env)
+        self.task = PIXEL_TASKS[env_id]
+        _request_headless_rendering()
+        if is_robomimic(self.task.state_env_id):
+            self.sim = env.unwrapped.env.sim  # robosuite's MjSim
+            model, data, hidden = self.sim.model._model, self.sim.data._data, (0,)  # robosuite hides collision meshes
+        else:
+            self.sim = None
+            model, data, hidden = env.unwrapped.model, env.unwrapped.data, ()
+        self.model, self.data = model, data
+        self.renderer = CameraRenderer(model, data, self.task.cameras, PIXEL_IMAGE_SIZE, hidden)
+        size, views = PIXEL_IMAGE_SIZE, len(self.task.cameras)
+        self.observation_space = gym.spaces.Dict(
+            {
+                "pixels": gym.spaces.Box(0, 255, (views, size, size, 3), np.uint8),
+                "state": gym.spaces.Box(-np.inf, np.inf, (PIXEL_STATE_DIM,), np.float32),
+            }
+        )
+        self._render_mode = render_mode
+        self.last_pixels = None
+
+    @property
+    def render_mode(self) -> str | None:
+        return self._render_mode
+
+    def render_pixels(self) -> np.ndarray:
+        """The camera images of the simulator in its current state: (cameras, 84, 84, 3) uint8."""
+        return self.renderer.render()
+
+    def simulator_state(self) -> np.ndarray:
+        """The simulator's state as the task's demonstrations store it (float64): kitchen, qpos (30: the D4RL
+        observation's first 30 entries); robomimic, robosuite's flattened state (time, qpos, qvel)."""
+        if self.sim is not None:
+            return self.sim.get_state().flatten()
+        return self.data.qpos.copy()
+
+    def set_simulator_state(self, state: np.ndarray) -> None:
+        """Put the simulator in a demonstration's state (simulator_state's layout) and forward it; raises ValueError
+        if the state's size does not fit the model. Kitchen velocities are set to zero (D4RL stores none)."""
+        state = np.asarray(state, dtype=np.float64)
+        if self.sim is not None:
+            expected = 1 + self.model.nq + self.model.nv
+            if state.shape != (expected,):
+                raise ValueError(f"a robosuite state of {self.task.state_env_id} has 1 + nq + nv = {expected} entries "
+                                 f"(time, qpos, qvel), got shape {state.shape}")
+            self.sim.set_state_from_flattened(state)
+            self.sim.forward()
+            return
+        if state.shape != (self.model.nq,):
+            raise ValueError(f"{self.task.state_env_id}'s model has nq = {self.model.nq} joint coordinates, got a "
+                             f"qpos of shape {state.shape}")
+        self.data.qpos[:] = state
+        self.data.qvel[:] = 0.0
+        mujoco.mj_forward(self.model, self.data)
+
+    def _observation(self, state_obs: np.ndarray) -> dict:
+        self.last_pixels = self.render_pixels()
+        state = np.array(state_obs[:PIXEL_STATE_DIM], dtype=np.float32)
+        return {"pixels": self.last_pixels, "state": state}
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._observation(obs), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self._observation(obs), reward, terminated, truncated, info
+
+    def render(self):
+        """The first camera's image of the last observation (84, 84, 3), for RecordVideo; None without render_mode."""
+        if self._render_mode is None or self.last_pixels is None:
+            return None
+        return self.last_pixels[0].copy()
+
+    def close(self):
+        self.renderer.close()
+        super().close()
+
+
 def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     """One unchunked env: FrankaKitchen-v1 behind KitchenD4RLAdapter for kitchen ids, robosuite behind
-    RobomimicLowDim and DPPO's time limit for robomimic ids, else gym.make + ScoreInfo."""
+    RobomimicLowDim and DPPO's time limit for robomimic ids, the state task's env behind PixelObservation for pixel
+    ids (render_mode "rgb_array" then returns observation images), else gym.make + ScoreInfo."""
+    if is_pixels(env_id):
+        _request_headless_rendering()  # before robosuite is imported, which fixes its OpenGL backend
+        return PixelObservation(build_env(PIXEL_TASKS[env_id].state_env_id), env_id, render_mode)
     if render_mode is not None:
         _request_headless_rendering()
     if is_robomimic(env_id):
@@ -412,10 +679,26 @@ def make_env(
     env_id: str, seed: int, idx: int, act_steps: int, capture_video: bool = False, run_name: str = ""
 ) -> Callable[[], gym.Env]:
     """CleanRL-style thunk: adapted env, videos of env 0 to videos/{run_name}, action chunks (with DPPO's success
-    rule for robomimic ids), seeded action space."""
+    rule for robomimic ids), seeded action space.
+
+    Pixel ids: the state task's chunked env behind PixelObservation, so that the cameras render once per chunk (the
+    observation the agent sees); their videos record the first camera's observation images, one frame per chunk.
+    """
 
     def thunk() -> gym.Env:
         record = capture_video and idx == 0
+        if is_pixels(env_id):
+            _request_headless_rendering()
+            state_env_id = PIXEL_TASKS[env_id].state_env_id
+            env = ActionChunk(build_env(state_env_id), act_steps)
+            if is_robomimic(state_env_id):
+                env = ChunkSuccess(env, act_steps)
+            env = PixelObservation(env, env_id, render_mode="rgb_array" if record else None)
+            if record:
+                fps = max(1, round(env.metadata.get("render_fps", 10) / act_steps))
+                env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", fps=fps)
+            env.action_space.seed(seed + idx)
+            return env
         env = build_env(env_id, render_mode="rgb_array" if record else None)
         if record:
             # Inside the chunking so that every env step becomes a video frame.
