@@ -1,0 +1,1296 @@
+# OTPR from camera images: otpr.py with a ResNet-18 encoder in front of the policy (the paper's CALVIN experiment).
+# Docs and measured results: docs/otpr_pixels.md. `diff otpr.py otpr_pixels.py` shows what pixels add to OTPR.
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from utils.datasets import DatasetError, load_pixel_dataset
+from utils.envs import make_env
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the run name)"""
+    seed: int = 1
+    """seed of the experiment (also selects the shared pre-trained checkpoint)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and a GPU is present, run on it; otherwise fall back to the CPU with a message"""
+    cuda_graphs: bool = True
+    """on a GPU, replay each pre-training step, critic update, potential-fit chunk, actor update and exploration sample as one CUDA graph"""
+    capture_video: bool = False
+    """if toggled, record videos of the first evaluation env to `videos/<run_name>`"""
+    resume: Optional[str] = None
+    """a run directory or checkpoint file to continue from (its saved Args are used, except `cuda`)"""
+
+    # Task and data
+    env_id: str = "Kitchen-Complete-Pixels-v0"
+    """the environment id: Kitchen-{Complete,Mixed,Partial}-Pixels-v0, Robomimic-{Can,Square}-Pixels-v0 (TASK_DEFAULTS), or any Gymnasium id with Dict(pixels, state) observations plus --dataset-path"""
+    dataset_source: Literal["d4rl", "minari", "scripted"] = "d4rl"
+    """where the demonstrations come from: kitchen: D4RL's HDF5 files (D4RL_DATASET_DIR) or Minari's D4RL/kitchen datasets; robomimic: utils/make_demos.py's scripted operators"""
+    dataset_path: Optional[str] = None
+    """an HDF5 file in D4RL's layout (robomimic's for Robomimic ids; other ids: plus a uint8 "pixels" array); overrides --dataset-source (required for other env ids)"""
+    chunk_size: int = 4
+    """actions per policy decision (action chunk), all executed open-loop"""
+
+    # Image encoder
+    encoder_keypoints: int = 32
+    """spatial-softmax keypoints per camera: each camera's image becomes 2 x this many feature coordinates"""
+    encoder_weights: Optional[str] = None
+    """a torchvision-format ResNet-18 state dict (e.g. ImageNet weights) whose convolutions initialise the encoder; default: from scratch"""
+    random_shift: int = 4
+    """pixels of random-shift augmentation (pad, then crop at a random offset) on the images of every training loss"""
+    encoder_lr: float = 1e-5
+    """learning rate of the encoder during fine-tuning, where it is trained by the actor's loss (pre-training: --pretrain-lr)"""
+
+    # Diffusion policy and behaviour-cloning pre-training
+    denoising_steps: int = 20
+    """number of DDPM steps K (cosine schedule)"""
+    time_dim: int = 16
+    """width of the diffusion-step embedding"""
+    actor_hidden: tuple[int, ...] = (512, 512, 512)
+    """hidden widths of the residual denoising MLP (DPPO's DiffusionMLP)"""
+    pretrain_steps: int = 80000
+    """behaviour-cloning gradient steps (DPPO's kitchen recipe; docs/kitchen_complete.md has the sweep)"""
+    pretrain_batch_size: int = 128
+    """minibatch size of behaviour-cloning pre-training"""
+    pretrain_lr: float = 1e-3
+    """peak learning rate of pre-training (cosine decay to a tenth of it)"""
+    ema_decay: float = 0.995
+    """decay of the exponential moving average of the pre-trained weights (the EMA weights are fine-tuned)"""
+    pretrain_checkpoint_frequency: int = 5000
+    """save the pre-training state every this many steps; an interrupted pre-training continues from it"""
+    pretrained_dir: str = "runs/pretrained"
+    """folder of the shared pre-trained checkpoints, one per env, dataset, seed and pre-training config"""
+    pretrained_checkpoint: Optional[str] = None
+    """load this pre-trained checkpoint instead of the one derived from the config"""
+
+    # Online fine-tuning
+    total_timesteps: int = 50000
+    """environment steps of online fine-tuning (0: evaluate the pre-trained policy only)"""
+    num_envs: int = 2
+    """parallel environments (asynchronous when more than one), for exploration and for evaluation"""
+    num_steps: int = 70
+    """policy decisions per environment per iteration"""
+    buffer_size: int = 100000
+    """replay buffer capacity in decisions (chunks); each holds its two observations' images (2 x 21 kB per camera)"""
+    offline_data_in_buffer: bool = True
+    """if toggled, the replay buffer starts with the demonstrations (rewards relabelled to the env's reward)"""
+    gamma: float = 0.99
+    """discount per decision (per chunk)"""
+    replay_ratio: float = 1.0
+    """gradient steps per collected decision (critic and actor alike)"""
+    critic_batch_size: int = 256
+    """minibatch size of the critic updates"""
+    actor_batch_size: int = 1024
+    """minibatch size of the actor updates"""
+    critic_hidden: tuple[int, ...] = (512, 512, 512)
+    """hidden widths of the Q and V networks"""
+    critic_lr: float = 1e-3
+    """learning rate of Q and V"""
+    actor_lr: float = 1e-5
+    """learning rate of the denoising network during fine-tuning"""
+    tau: float = 0.005
+    """Polyak rate of the target Q networks"""
+    expectile: float = 0.7
+    """IQL expectile of V (paper: 0.7; the released code trains V with 0.8)"""
+    critic_warmup_iterations: int = 2
+    """iterations of critic-only training before the policy is improved"""
+    num_candidates: int = 8
+    """policy samples S per state among which one is selected (exploration, and the `select` evaluation protocol)"""
+    min_sampling_std: float = 0.01
+    """floor on the DDPM noise std of every denoising step while exploring (DPPO's 0.1 collapses fine-tuning here)"""
+    noise_clip: float = 3.0
+    """clip on the DDPM noise while exploring"""
+
+    # Optimal transport (OTPR)
+    guidance: Literal["ot", "q", "advantage"] = "ot"
+    """what selects candidates and weights the actor loss: OT compatibility H, exp(beta (Q - V)), or IDQL's expectile weights (Fig. 3)"""
+    guidance_beta: float = 10.0
+    """inverse temperature of the `q` guidance"""
+    ot_mode: Literal["masked", "unsupervised"] = "masked"
+    """keypoint-guided masked OT (Eq. 12-14) or plain OT with cost -Q (the paper's OTPR-U)"""
+    ot_epsilon: float = 0.2
+    """L2 regularisation epsilon of Eq. 5 / Eq. 14, in units of the standardised cost"""
+    ot_alpha: float = 0.5
+    """masked mode: cost = (1-alpha)*(-Q) + alpha*JS guidance (Eq. 14), each standardised; the released code's 1.0 ignores Q"""
+    keypoint_tau: float = 0.1
+    """temperature of the softmax relation vectors to the keypoints (Eq. 13)"""
+    num_keypoints: int = 128
+    """expert (state, action-chunk) pairs drawn once from the dataset and used as keypoints"""
+    ot_batch_size: int = 256
+    """replay states and (independently drawn) replay actions in the OT problem of each iteration"""
+    ot_hidden: tuple[int, ...] = (256, 256)
+    """hidden widths of the potentials u(s) and v(a) (SiLU MLPs)"""
+    ot_lr: float = 1e-3
+    """learning rate of the potentials"""
+    ot_max_steps: int = 1000
+    """most Adam steps of one potential fit (potentials are warm-started across iterations)"""
+    ot_check_every: int = 25
+    """Adam steps of a potential fit between two checks of its marginal residuals"""
+    ot_tolerance: float = 0.1
+    """a fit stops once both marginal residuals |E_a H - 1| and |E_s H - 1| on its batch are below this"""
+    actor_objective: Literal["resampled", "plan", "aligned", "buffer"] = "aligned"
+    """actor loss: Sec. 4.4 resampled targets, Eq. 10 over state x action pairs, guidance-weighted buffer pairs, or the released code's unweighted DSM"""
+
+    # Evaluation, logging, checkpoints
+    eval_frequency: int = 10
+    """evaluate every this many iterations (iteration 0 evaluates the pre-trained policy)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (same initial states and noise every time)"""
+    eval_protocols: tuple[Literal["single", "select"], ...] = ("single",)
+    """evaluation protocols, the first is the headline: one DDIM sample (the paper's S = 1), or S DDIM samples and one drawn by the guidance"""
+    checkpoint_frequency: int = 5
+    """save a resumable checkpoint every this many iterations"""
+
+
+# Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
+MAY_BE_ZERO = ("seed", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std", "ot_alpha",
+               "random_shift", "encoder_lr")
+FRACTIONS = ("ema_decay", "gamma", "tau", "expectile", "ot_alpha")
+
+# The paper's Robomimic settings (DPPO's protocol) replace the kitchen defaults above for these env ids; flags given on
+# the command line still win.
+TASK_DEFAULTS = {
+    "Robomimic-Can-Pixels-v0": dict(dataset_source="scripted", gamma=0.999, critic_hidden=(256, 256, 256), num_steps=75),
+    "Robomimic-Square-Pixels-v0": dict(dataset_source="scripted", gamma=0.999, critic_hidden=(256, 256, 256),
+                                       num_steps=100),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: min-max normalisation, action chunks, replay buffer
+# ----------------------------------------------------------------------------------------------------------------
+class Normalizer:
+    """Maps the dataset's [min, max] of every dimension to [-1, 1]; near-constant dimensions keep a small scale.
+    Here it normalises the state (proprioception); images are standardised by the encoder."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, min_half_range: float = 1e-2):
+        self.center = torch.as_tensor((high + low) / 2, dtype=torch.float32)
+        self.half_range = torch.as_tensor(np.maximum((high - low) / 2, min_half_range), dtype=torch.float32)
+
+    def to(self, device):
+        self.center, self.half_range = self.center.to(device), self.half_range.to(device)
+        return self
+
+    def normalize(self, x):
+        return (x - self.center) / self.half_range
+
+    def unnormalize(self, x):
+        return x * self.half_range + self.center
+
+    def state_dict(self):
+        return {"center": self.center.cpu(), "half_range": self.half_range.cpu()}
+
+    def load_state_dict(self, state):
+        self.center, self.half_range = state["center"].to(self.center), state["half_range"].to(self.center)
+
+
+def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
+    """Cuts every episode into (s_t, a_{t:t+C}, reward sum, s_{t+C}, terminated) decisions, the rewards summed as
+    the online ActionChunk wrapper sums them. A chunk that would run past the episode end is kept only if the
+    episode terminated there (no s_{t+C} is needed then). An observation is its "state" and its "pixels", uint8
+    (cameras, 3, height, width)."""
+    ends = np.flatnonzero(dataset["terminals"] | dataset["timeouts"])
+    ends = np.union1d(ends, [len(dataset["actions"]) - 1])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    obs, actions, rewards, next_obs, terminated, rows, next_rows = [], [], [], [], [], [], []
+    for start, end in zip(starts, ends):
+        length = end - start + 1
+        for t in range(length - chunk_size + 1):
+            last = t + chunk_size  # index (within the episode) of the next decision's state
+            if last == length and not dataset["terminals"][end]:
+                continue
+            obs.append(dataset["observations"][start + t])
+            actions.append(dataset["actions"][start + t : start + last].reshape(-1))
+            rewards.append(dataset["rewards"][start + t : start + last].sum())
+            next_obs.append(dataset["observations"][start + min(last, length - 1)])
+            terminated.append(last == length)
+            rows.append(start + t)
+            next_rows.append(start + min(last, length - 1))
+    if not obs:
+        raise ValueError(f"the dataset has no episode of at least --chunk-size {chunk_size} steps")
+    as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    images = lambda rows: torch.as_tensor(dataset["pixels"][rows]).permute(0, 1, 4, 2, 3)  # channels first
+    return {"state": as_tensor(obs), "pixels": images(rows), "actions": as_tensor(actions),
+            "rewards": as_tensor(rewards), "next_state": as_tensor(next_obs), "next_pixels": images(next_rows),
+            "terminated": as_tensor(terminated)}
+
+
+class ReplayBuffer:
+    """FIFO buffer of normalised decisions, held as tensors on the training device, images as uint8. Besides its
+    stored keys, sample() and rows() hand out "obs" and "next_obs": the encoder's current features of an observation
+    (no gradient), which is what the critics, the potentials and the guidance read."""
+
+    def __init__(self, capacity: int, pixels_shape: tuple[int, ...], state_dim: int, action_dim: int, encoder, device):
+        self.capacity, self.size, self.pos, self.encoder = capacity, 0, 0, encoder
+        self.data = {
+            "state": torch.empty(capacity, state_dim, device=device),
+            "pixels": torch.empty(capacity, *pixels_shape, dtype=torch.uint8, device=device),
+            "actions": torch.empty(capacity, action_dim, device=device),
+            "rewards": torch.empty(capacity, device=device),
+            "next_state": torch.empty(capacity, state_dim, device=device),
+            "next_pixels": torch.empty(capacity, *pixels_shape, dtype=torch.uint8, device=device),
+            "terminated": torch.empty(capacity, device=device),
+        }
+
+    def add(self, batch: dict):
+        n = len(batch["state"])
+        idx = (self.pos + torch.arange(n, device=self.data["state"].device)) % self.capacity
+        for key, value in batch.items():
+            self.data[key][idx] = value.to(self.data[key])
+        self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, keys=("obs", "actions", "rewards", "next_obs", "terminated")):
+        idx = torch.randint(self.size, (batch_size,), device=self.data["state"].device)
+        return self.rows(idx, keys)
+
+    def rows(self, idx, keys) -> dict:
+        return {key: self.features(idx, key[: -len("obs")]) if key.endswith("obs") else self.data[key][idx]
+                for key in keys}
+
+    @torch.no_grad()
+    def features(self, idx, prefix: str):
+        """Features of the observations (prefix "") or next observations ("next_") of rows idx, encoded in slices:
+        the encoder's activations for a whole buffer would not fit in memory."""
+        return torch.cat([self.encoder(self.data[prefix + "pixels"][part], self.data[prefix + "state"][part])
+                          for part in idx.split(4096)])
+
+    def state_dict(self):
+        # a copy of the filled rows only: saving a slice of the preallocated storage would save all of it
+        return {"pos": self.pos, "size": self.size,
+                "data": {k: v[: self.size].to("cpu", copy=True) for k, v in self.data.items()}}
+
+    def load_state_dict(self, state):
+        self.pos, self.size = state["pos"], state["size"]
+        for key, value in state["data"].items():
+            self.data[key][: self.size] = value.to(self.data[key])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image encoder: ResNet-18 with group norm, spatial-softmax keypoints, random-shift augmentation
+# ----------------------------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    """ResNet's block of two 3x3 convolutions and a skip connection, with group norm (16 channels per group) where
+    ResNet has batch norm: batch statistics would tie each sample to its minibatch and differ between training and
+    acting, and the EMA of the weights would not average them (diffusion policy's choice, Chi et al., 2023)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(out_channels // 16, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(out_channels // 16, out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                            nn.GroupNorm(out_channels // 16, out_channels))
+
+    def forward(self, x):
+        out = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's convolutional trunk (He et al., 2016: BasicBlocks [2, 2, 2, 2]) without its average pooling and
+    classifier: (n, 3, H, W) -> (n, 512, H/32, W/32), 11.2M parameters. The convolutions carry torchvision's names,
+    so that a torchvision state dict loads into them (load_torchvision_weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.norm1 = nn.GroupNorm(4, 64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
+        self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128, 1))
+        self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256, 1))
+        self.layer4 = nn.Sequential(BasicBlock(256, 512, 2), BasicBlock(512, 512, 1))
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.norm1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def load_torchvision_weights(trunk: ResNet18, path: str):
+    """Copies the convolutions of a torchvision-format ResNet-18 state dict (e.g. torchvision's ImageNet file
+    resnet18-f37072fd.pth) into the trunk. Its batch-norm statistics and classifier have no counterpart here and are
+    left out; the group norms start as the identity."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--encoder-weights {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one that holds more than tensors
+        raise ValueError(f"--encoder-weights {path} cannot be read as a torch state dict ({type(error).__name__}): "
+                         "pass a torchvision-format ResNet-18 file such as resnet18-f37072fd.pth") from None
+    convolutions = {name: value for name, value in trunk.state_dict().items() if value.ndim == 4}
+    unmatched = [name for name, value in convolutions.items()
+                 if not isinstance(state, dict) or name not in state or state[name].shape != value.shape]
+    if unmatched:
+        raise ValueError(f"--encoder-weights {path} is not a torchvision ResNet-18 state dict: {len(unmatched)} of its "
+                         f"{len(convolutions)} convolutions are missing or of another shape, e.g. {unmatched[0]}")
+    trunk.load_state_dict({name: state[name] for name in convolutions}, strict=False)
+
+
+class SpatialSoftmax(nn.Module):
+    """Keypoints of a feature map (Levine et al., 2016): a 1x1 convolution makes K maps, and each map's softmax over
+    its positions gives the expected position (x, y) in [-1, 1]^2: (n, C, h, w) -> (n, 2K)."""
+
+    def __init__(self, channels: int, num_keypoints: int):
+        super().__init__()
+        self.keypoint_maps = nn.Conv2d(channels, num_keypoints, 1)
+
+    def forward(self, x):
+        maps = self.keypoint_maps(x)
+        height, width = maps.shape[-2:]
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height, device=x.device),
+                                torch.linspace(-1, 1, width, device=x.device), indexing="ij")
+        positions = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (h * w, 2)
+        return (torch.softmax(maps.flatten(2), dim=-1) @ positions).flatten(1)
+
+
+def random_shift(images, pad: int):
+    """DrQ's augmentation (Kostrikov et al., 2020): every image padded by `pad` pixels (edges repeated) and cropped
+    back to its size at a random offset in [0, 2 pad]^2. images: float (n, channels, height, width)."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dy, dx = torch.randint(2 * pad + 1, (2, n, 1, 1), device=images.device)
+    rows = torch.arange(height, device=images.device)[None, :, None] + dy
+    cols = torch.arange(width, device=images.device)[None, None, :] + dx
+    # advanced indices on dims 0, 2, 3 around a slice put their (n, height, width) first: (n, height, width, channels)
+    return padded[torch.arange(n, device=images.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+class Encoder(nn.Module):
+    """Observation -> feature vector: every camera's image through one shared ResNet-18 trunk and the camera's own
+    spatial softmax, concatenated with the normalised state. Spatial softmax rather than global average pooling: a
+    manipulation policy needs where the gripper and the objects are, which an average over positions discards
+    (robomimic's and diffusion policy's ResNet-18 encoders make the same choice)."""
+
+    def __init__(self, pixels_shape: tuple[int, ...], state_dim: int, args: Args):
+        super().__init__()
+        self.trunk = ResNet18()
+        self.keypoints = nn.ModuleList([SpatialSoftmax(512, args.encoder_keypoints) for _ in range(pixels_shape[0])])
+        self.shift = args.random_shift
+        self.feature_dim = pixels_shape[0] * 2 * args.encoder_keypoints + state_dim
+        # images are standardised with ImageNet's statistics, which torchvision's weights expect
+        self.register_buffer("mean", 255 * torch.tensor([0.485, 0.456, 0.406])[:, None, None], persistent=False)
+        self.register_buffer("std", 255 * torch.tensor([0.229, 0.224, 0.225])[:, None, None], persistent=False)
+
+    def forward(self, pixels, state, augment: bool = False):
+        """pixels: uint8 (n, cameras, 3, height, width); state: normalised (n, state_dim); augment: random shifts."""
+        images = (pixels.flatten(0, 1).float() - self.mean) / self.std
+        if augment and self.shift > 0:
+            images = random_shift(images, self.shift)
+        maps = self.trunk(images).unflatten(0, pixels.shape[:2])
+        return torch.cat([*(head(maps[:, i]) for i, head in enumerate(self.keypoints)), state], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+def mlp(input_dim: int, hidden: tuple[int, ...], output_dim: int, activation=nn.Mish) -> nn.Sequential:
+    layers, dim = [], input_dim
+    for width in hidden:
+        layers += [nn.Linear(dim, width), activation()]
+        dim = width
+    return nn.Sequential(*layers, nn.Linear(dim, output_dim))
+
+
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("frequencies", torch.exp(-math.log(10000) * torch.arange(half) / (half - 1)))
+
+    def forward(self, k):
+        angles = k.float()[:, None] * self.frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation block y = x + W2 Mish(W1 Mish(x)), as in DPPO's residual MLP."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Mish(), nn.Linear(width, width), nn.Mish(), nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class DenoisingMLP(nn.Module):
+    """eps_theta(a_k, k, s): predicts the noise in a flattened noisy action chunk, given the step k and the state."""
+
+    def __init__(self, obs_dim: int, action_dim: int, time_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.time_embedding = nn.Sequential(
+            SinusoidalEmbedding(time_dim), nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim)
+        )
+        width = hidden[0]
+        self.input = nn.Linear(action_dim + time_dim + obs_dim, width)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range((len(hidden) - 1) // 2)])
+        self.output = nn.Linear(width, action_dim)
+
+    def forward(self, noisy_actions, k, obs):
+        x = torch.cat([noisy_actions, self.time_embedding(k), obs], dim=-1)
+        return self.output(self.blocks(self.input(x)))
+
+
+class DiffusionPolicy(nn.Module):
+    """DDPM with a cosine schedule and noise prediction over normalised action chunks in [-1, 1], conditioned on the
+    features of its own encoder (`obs` below is those features)."""
+
+    def __init__(self, pixels_shape: tuple[int, ...], state_dim: int, action_dim: int, args: Args):
+        super().__init__()
+        self.action_dim, self.num_steps = action_dim, args.denoising_steps
+        self.encoder = Encoder(pixels_shape, state_dim, args)
+        self.network = DenoisingMLP(self.encoder.feature_dim, action_dim, args.time_dim, args.actor_hidden)
+        # Cosine schedule (Nichol & Dhariwal, 2021): abar(u) = cos^2(((u + s) / (1 + s)) * pi / 2), u = k / K.
+        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)
+        abar = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - abar[1:] / abar[:-1]).clamp(0, 0.999)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        schedule = {
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            # DDPM posterior q(a_{k-1} | a_k, a_0): mean = coef_x0 * a_0 + coef_xk * a_k, variance below.
+            "posterior_coef_x0": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_coef_xk": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+            "posterior_std": (betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)).sqrt(),
+        }
+        for name, value in schedule.items():
+            self.register_buffer(name, value.float())
+
+    def loss(self, actions, obs):
+        """Denoising score matching with w(t) = 1 (Eq. 7 in noise-prediction form, Eq. 21), one value per pair."""
+        k = torch.randint(self.num_steps, (len(actions),), device=actions.device)
+        noise = torch.randn_like(actions)
+        abar = self.alphas_cumprod[k][:, None]
+        noisy = abar.sqrt() * actions + (1 - abar).sqrt() * noise
+        return F.mse_loss(self.network(noisy, k, obs), noise, reduction="none").mean(-1)
+
+    @torch.no_grad()
+    def sample(self, obs, deterministic: bool = False, min_std: float = 0.0, noise_clip: float = 3.0, generator=None):
+        """Exploration: DDPM ancestral sampling with the noise std floored at `min_std` on every step (DPPO).
+        Deterministic: DDIM with eta = 0 on the same K steps, an ODE map from the initial noise to the action."""
+        x = torch.randn(len(obs), self.action_dim, device=obs.device, generator=generator)
+        for k in reversed(range(self.num_steps)):
+            steps = torch.full((len(obs),), k, device=obs.device, dtype=torch.long)
+            eps = self.network(x, steps, obs)
+            abar = self.alphas_cumprod[k]
+            x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+            if deterministic:
+                eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+                x = self.alphas_cumprod_prev[k].sqrt() * x0 + (1 - self.alphas_cumprod_prev[k]).sqrt() * eps
+            else:
+                mean = self.posterior_coef_x0[k] * x0 + self.posterior_coef_xk[k] * x
+                std = self.posterior_std[k].clamp(min=min_std)
+                x = mean + std * torch.randn_like(x).clamp(-noise_clip, noise_clip)
+        return x.clamp(-1, 1)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.q1, self.q2 = mlp(obs_dim + action_dim, hidden, 1), mlp(obs_dim + action_dim, hidden, 1)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def min(self, obs, actions):
+        return torch.minimum(*self(obs, actions))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IQL critics: V by expectile regression on min(Qbar1, Qbar2), twin Q by TD to V(s'), Polyak target
+# ----------------------------------------------------------------------------------------------------------------
+def expectile_loss(diff, expectile: float):
+    weight = torch.where(diff > 0, expectile, 1 - expectile)
+    return (weight * diff**2).mean()
+
+
+def update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args: Args) -> dict:
+    with torch.no_grad():
+        q_target = qf_target.min(batch["obs"], batch["actions"])
+    v_loss = expectile_loss(q_target - vf(batch["obs"]).squeeze(-1), args.expectile)
+    v_optimizer.zero_grad()
+    v_loss.backward()
+    v_optimizer.step()
+
+    with torch.no_grad():
+        next_v = vf(batch["next_obs"]).squeeze(-1)
+        td_target = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_v
+    q1, q2 = qf(batch["obs"], batch["actions"])
+    q_loss = F.mse_loss(q1, td_target) + F.mse_loss(q2, td_target)
+    q_optimizer.zero_grad()
+    q_loss.backward()
+    q_optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
+    return {"q_loss": q_loss.detach(), "v_loss": v_loss.detach(), "q_values": q1.detach().mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimal transport: L2-regularised dual (Eq. 5), compatibility H (Eq. 6), keypoint-guided masked OT (Eq. 12-14)
+# ----------------------------------------------------------------------------------------------------------------
+def compatibility(u, v, cost, epsilon: float):
+    """H(s, a) = max(0, u(s) + v(a) - c(s, a)) / (2 epsilon) (Eq. 6); the plan is d pi = H d mu d nu."""
+    return F.relu(u + v - cost) / (2 * epsilon)
+
+
+def l2_dual_objective(u, v, cost, epsilon: float, mask=None):
+    """F(u, v) = E_mu[u] + E_nu[v] - E_{mu x nu}[M * max(0, u + v - c)^2] / (4 epsilon) (Eq. 5; Eq. 14 with a mask M),
+    for empirical uniform measures: u of shape (n, 1), v of shape (1, m), cost (n, m)."""
+    penalty = F.relu(u + v - cost) ** 2
+    if mask is not None:
+        penalty = penalty * mask
+    return u.mean() + v.mean() - penalty.mean() / (4 * epsilon)
+
+
+def marginal_residuals(h, mask=None) -> tuple[float, float]:
+    """Mean |E_a H(s, .) - 1| over states and |E_s H(., a) - 1| over actions: both vanish at the optimum of Eq. 5."""
+    if mask is not None:
+        h = h * mask
+    return (h.mean(1) - 1).abs().mean().item(), (h.mean(0) - 1).abs().mean().item()
+
+
+def dual_ascent(u_net, v_net, optimizer, states, actions, cost, mask=None, epsilon: float = 1.0, num_steps: int = 25):
+    """`num_steps` Adam steps up the dual of one fixed problem (full batch); returns the objective before the last."""
+    for _ in range(num_steps):
+        loss = -l2_dual_objective(u_net(states), v_net(actions).T, cost, epsilon, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return -loss.detach()
+
+
+def fit_potentials(ascend, u_net, v_net, states, actions, cost, epsilon, mask=None, max_steps=2000, tolerance=0.05,
+                   check_every=25) -> dict:
+    """Ascends the dual of one fixed problem until both marginal residuals are below `tolerance`, checking them after
+    each call of ascend(states, actions, cost, mask): dual_ascent with u, v, their optimizer, epsilon and `check_every`
+    steps bound (one CUDA graph on a GPU). Stops after `max_steps` steps, rounded up to a multiple of `check_every`."""
+    for step in range(check_every, max_steps + check_every, check_every):
+        dual = ascend(states, actions, cost, mask)
+        with torch.no_grad():
+            residuals = marginal_residuals(compatibility(u_net(states), v_net(actions).T, cost, epsilon), mask)
+        if max(residuals) < tolerance:
+            break
+    return {"steps": step, "dual": dual.item(), "residual_s": residuals[0], "residual_a": residuals[1]}
+
+
+def relation_vectors(x, keypoints, tau: float):
+    """R_k(x) = softmax_k(-cosine_distance(x, x_k) / tau) over the K keypoints (Eq. 13)."""
+    cosine = F.normalize(x, dim=-1) @ F.normalize(keypoints, dim=-1).T
+    return torch.softmax(-(1 - cosine) / tau, dim=-1)
+
+
+def js_divergence(p, q):
+    """Jensen-Shannon divergence along the last dimension (broadcasting), in [0, ln 2]."""
+    m = (p + q) / 2
+    kl = lambda a, b: (a * (torch.log(a + 1e-10) - torch.log(b + 1e-10))).sum(-1)
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+def keypoint_mass(args: Args) -> float:
+    """Mass K / (K + N) of the keypoint block of the masked plan (0 without keypoints).
+
+    The mask of Eq. 12 keeps, in the keypoint rows and columns, only the diagonal. Eq. 14 over K keypoints and N replay
+    samples then separates: each keypoint pair (s_k, a_k) is a one-variable problem whose optimum is H = K + N, i.e.
+    plan mass 1 / (K + N) on its own action whatever the cost; and the replay block is Eq. 5 between the N replay
+    states and actions at epsilon (K + N) / N, carrying the remaining mass N / (K + N). So the replay block is fitted
+    alone and the keypoint block is added in closed form (tests/test_ot.py checks both against POT)."""
+    return args.num_keypoints / (args.num_keypoints + args.ot_batch_size) if args.ot_mode == "masked" else 0.0
+
+
+class TransportCost(nn.Module):
+    """c(s, a) = -min(Qbar1, Qbar2)(s, a) (Eq. 8), in masked mode mixed with the keypoint guidance
+    G(s, a) = JS(R^s(s) || R^a(a)) as (1 - alpha) c + alpha G (Eq. 13-14). One function serves the potential fit,
+    the selection of candidates and the actor weights, so H is always computed with the cost u, v were fitted to.
+
+    -Q and G are each divided by their own spread on the last fitted problem, so that alpha weighs two unit-scale terms
+    throughout a run and epsilon does not have to follow the magnitude of Q as it grows. `epsilon` is the one of the
+    replay block (see keypoint_mass); `fitted` says whether u, v have been fitted yet.
+    The keypoints' observations are kept as images and states; their features (`keypoint_obs`) are refreshed with the
+    encoder before every potential fit (encode_keypoints), so that the guidance uses the cost u, v were fitted to."""
+
+    def __init__(self, keypoint_pixels, keypoint_state, keypoint_actions, feature_dim: int, args: Args):
+        super().__init__()
+        self.register_buffer("keypoint_pixels", keypoint_pixels)
+        self.register_buffer("keypoint_state", keypoint_state)
+        self.register_buffer("keypoint_obs", torch.zeros(len(keypoint_state), feature_dim, device=keypoint_state.device))
+        self.register_buffer("keypoint_actions", keypoint_actions)
+        self.register_buffer("q_scale", torch.ones(()))
+        self.register_buffer("g_scale", torch.ones(()))
+        self.alpha = args.ot_alpha if args.ot_mode == "masked" else 0.0
+        self.tau = args.keypoint_tau
+        self.epsilon = args.ot_epsilon / (1 - keypoint_mass(args))
+        self.fitted = False
+
+    def get_extra_state(self):
+        return {"fitted": self.fitted}
+
+    def set_extra_state(self, state):
+        self.fitted = state["fitted"]
+
+    @torch.no_grad()
+    def encode_keypoints(self, encoder):
+        self.keypoint_obs.copy_(encoder(self.keypoint_pixels, self.keypoint_state))
+
+    @torch.no_grad()
+    def forward(self, qf_target, obs, actions, all_pairs: bool = False, rescale: bool = False):
+        """Cost of aligned pairs (any leading shape) or, with `all_pairs`, of every state with every action (n, m).
+        `rescale` first sets the spreads of -Q and G from this problem (once per potential fit)."""
+        if self.alpha > 0:
+            rel_s = relation_vectors(obs, self.keypoint_obs, self.tau)
+            rel_a = relation_vectors(actions, self.keypoint_actions, self.tau)
+        if all_pairs:
+            obs, actions = obs[:, None].expand(-1, len(actions), -1), actions[None].expand(len(obs), -1, -1)
+            if self.alpha > 0:
+                rel_s, rel_a = rel_s[:, None], rel_a[None]
+        cost = 0.0
+        if self.alpha < 1:
+            negative_q = -qf_target.min(obs, actions)
+            if rescale:
+                self.q_scale.copy_(negative_q.std().clamp(min=1e-6))
+            cost = (1 - self.alpha) * negative_q / self.q_scale
+        if self.alpha > 0:
+            guide = js_divergence(rel_s, rel_a)
+            if rescale:
+                self.g_scale.copy_(guide.std().clamp(min=1e-6))
+            cost = cost + self.alpha * guide / self.g_scale
+        return cost
+
+
+def fit_transport(ascend, u_net, v_net, qf_target, transport_cost: TransportCost, replay, args: Args) -> dict:
+    """Alg. 2 on the replay block: fit u, v on one OT problem between independently drawn replay states and actions,
+    warm-started from the previous iteration's potentials."""
+    states = replay.sample(args.ot_batch_size, ("obs",))["obs"]
+    actions = replay.sample(args.ot_batch_size, ("actions",))["actions"]
+    cost = transport_cost(qf_target, states, actions, all_pairs=True, rescale=True)
+    stats = fit_potentials(ascend, u_net, v_net, states, actions, cost, transport_cost.epsilon,
+                           max_steps=args.ot_max_steps, tolerance=args.ot_tolerance, check_every=args.ot_check_every)
+    transport_cost.fitted = True
+    return stats
+
+
+@torch.no_grad()
+def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, replay, args: Args) -> dict:
+    """The fitted plan on a held-out draw the fit never saw: marginal residuals and the fraction of pairs with H = 0."""
+    states = replay.sample(args.ot_batch_size, ("obs",))["obs"]
+    actions = replay.sample(args.ot_batch_size, ("actions",))["actions"]
+    cost = transport_cost(qf_target, states, actions, all_pairs=True)
+    h = compatibility(u_net(states), v_net(actions).T, cost, transport_cost.epsilon)
+    stats = {"frac_zero_h": (h == 0).float().mean().item(), "q_scale": transport_cost.q_scale.item(),
+             "g_scale": transport_cost.g_scale.item()}
+    stats["heldout_residual_s"], stats["heldout_residual_a"] = marginal_residuals(h)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guidance: which candidate is executed (Sec. 4.4) and how the actor's score-matching targets are chosen (Eq. 10)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def guidance_weights(obs, actions, qf_target, vf, u_net, v_net, transport_cost: TransportCost, args: Args):
+    """Non-negative weights of (state, action-chunk) pairs of any leading shape:
+    ot: the compatibility H (Eq. 6), once the potentials are fitted;
+    q: exp(beta (Q - V(s))), measured against the state's own value and capped at 100;
+    advantage (and ot before the first fit): IDQL's expectile weights |tau - 1(Q - V(s) < 0)|."""
+    if args.guidance == "ot" and transport_cost.fitted:
+        cost = transport_cost(qf_target, obs, actions)
+        return compatibility(u_net(obs).squeeze(-1), v_net(actions).squeeze(-1), cost, transport_cost.epsilon)
+    advantage = qf_target.min(obs, actions) - vf(obs).squeeze(-1)
+    if args.guidance == "q":
+        return torch.exp((args.guidance_beta * advantage).clamp(max=math.log(100)))
+    return torch.where(advantage > 0, args.expectile, 1 - args.expectile)
+
+
+@torch.no_grad()
+def select_candidates(obs, sample, weigh, args: Args, generator=None):
+    """Draws S chunks per state with `sample` (states -> chunks: the exploring or the deterministic sampler) and keeps
+    one per state, drawn with probability proportional to weigh(s, a).
+    Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
+    n, num_candidates = len(obs), args.num_candidates
+    candidates = sample(obs.repeat_interleave(num_candidates, 0)).view(n, num_candidates, -1)
+    weights = weigh(obs[:, None].expand(-1, num_candidates, -1), candidates)
+    all_zero = weights.sum(1) == 0
+    weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
+    choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return candidates[torch.arange(n, device=obs.device), choice], all_zero
+
+
+def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: int):
+    """The (states, action chunks, guidance weights or None) of each actor update of one iteration, by --actor-objective:
+    resampled: Sec. 4.4, S policy samples per replay state, one drawn in proportion to the guidance, as DSM targets;
+    plan: Eq. 10, every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted by the
+        guidance (with OT: the plan density H, so this is DSM on the plan's conditional, Theorem 4.3);
+    aligned: the buffer's own (s, a) pairs weighted by the guidance. The critics and potentials stay fixed through the
+        actor updates, and so does every pair's weight: it is computed once per distinct buffer row that the
+        iteration's minibatches draw (with the default budget at most a ninth of the draws);
+    buffer: the released code's unweighted buffer pairs (OT acts only through what was executed).
+    Minibatches are made as the updates ask for them: `resampled` samples the policy of the current update
+    (`sample_exploring`: states -> exploration chunks). The guidance reads the observations' features; the updates
+    get their images and states ({"pixels", "state"}), to train the encoder through the actor loss."""
+    if args.actor_objective == "aligned":
+        idx = torch.randint(replay.size, (num_updates, args.actor_batch_size), device=replay.data["state"].device)
+        rows, position = idx.unique(return_inverse=True)
+        weights = weigh(replay.rows(rows, ("obs",))["obs"], replay.data["actions"][rows])[position]
+        for update in range(num_updates):
+            yield replay.rows(idx[update], ("pixels", "state")), replay.data["actions"][idx[update]], weights[update]
+        return
+    for _ in range(num_updates):
+        if args.actor_objective == "plan":
+            n = math.isqrt(args.actor_batch_size)
+            states = replay.sample(n, ("obs", "pixels", "state"))
+            obs = states.pop("obs")[:, None].expand(-1, n, -1)
+            actions = replay.sample(n, ("actions",))["actions"][None].expand(n, -1, -1)
+            states = {key: value.repeat_interleave(n, 0) for key, value in states.items()}  # row i * n + j: state i
+            yield states, actions.reshape(n * n, -1), weigh(obs, actions).reshape(-1)
+        else:
+            batch = replay.sample(args.actor_batch_size, ("obs", "pixels", "state", "actions"))
+            if args.actor_objective == "resampled":
+                batch["actions"], _ = select_candidates(batch["obs"], sample_exploring, weigh, args)
+            yield {key: batch[key] for key in ("pixels", "state")}, batch["actions"], None
+
+
+def actor_loss(policy, obs, actions, weights, transport_cost: TransportCost, args: Args):
+    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10).
+    In masked mode the plan's keypoint block adds DSM on the keypoint pairs with its mass K / (K + N) (keypoint_mass),
+    so every keypoint state is matched to its own action; both blocks go through the network as one batch.
+    `obs` holds images and states, encoded here with random shifts: the loss trains the encoder too."""
+    with_keypoints = args.guidance == "ot" and args.actor_objective != "buffer" and keypoint_mass(args) > 0
+    if with_keypoints:
+        obs = {key: torch.cat([value, getattr(transport_cost, f"keypoint_{key}")]) for key, value in obs.items()}
+        actions = torch.cat([actions, transport_cost.keypoint_actions])
+    per_pair = policy.loss(actions, policy.encoder(obs["pixels"], obs["state"], augment=True))
+    num_keypoints = len(transport_cost.keypoint_obs) if with_keypoints else 0
+    replay_part, keypoint_part = per_pair.split([len(per_pair) - num_keypoints, num_keypoints])
+    if weights is not None:
+        replay_part = replay_part * weights / weights.mean().clamp(min=1e-8)
+    if not with_keypoints:
+        return replay_part.mean()
+    return (1 - keypoint_mass(args)) * replay_part.mean() + keypoint_mass(args) * keypoint_part.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs: on a GPU, each update runs as one captured graph (docs/speed.md)
+# ----------------------------------------------------------------------------------------------------------------
+def graph_input_tensors(inputs) -> list:
+    """The tensors among the inputs of a CudaGraph (tensors, dicts of tensors, or None), in a fixed order."""
+    return [t for x in inputs if x is not None for t in (x.values() if isinstance(x, dict) else [x])]
+
+
+class CudaGraph:
+    """Calls fn(*inputs), on a GPU as one captured CUDA graph. This algorithm's updates and denoising loops are many
+    small kernels whose launch costs more than their arithmetic; a graph replays them all with one launch
+    (docs/speed.md). The first `warmup` calls run eagerly on a side stream, as capture requires, and count like any
+    other call; the next one captures fn on static copies of its inputs and replays it; later calls copy their inputs
+    in and replay. Inputs keep their shapes from then on; outputs are the graph's own tensors, overwritten by the next
+    call. CUDA's random numbers are graph-safe: a replay draws what an eager call would. Disabled, it calls fn."""
+
+    def __init__(self, fn, enabled: bool, warmup: int = 2):
+        self.fn, self.enabled, self.warmup, self.calls, self.graph = fn, enabled, warmup, 0, None
+
+    def __call__(self, *inputs):
+        if not self.enabled:
+            return self.fn(*inputs)
+        if self.calls < self.warmup:
+            self.calls += 1
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                outputs = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return outputs
+        if self.graph is None:
+            self.static_inputs = [x if x is None else {k: v.clone() for k, v in x.items()} if isinstance(x, dict)
+                                  else x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.fn(*self.static_inputs)
+        else:
+            for static, new in zip(graph_input_tensors(self.static_inputs), graph_input_tensors(inputs), strict=True):
+                if static.shape != new.shape:
+                    raise ValueError(f"CudaGraph input of shape {tuple(new.shape)}, captured {tuple(static.shape)}")
+                static.copy_(new)
+        self.graph.replay()
+        return self.static_outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Behaviour-cloning pre-training, shared by every method through one checkpoint file
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict):
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+PRETRAIN_FIELDS = ("env_id", "dataset_source", "dataset_path", "chunk_size", "encoder_keypoints", "encoder_weights",
+                   "random_shift", "denoising_steps", "time_dim", "actor_hidden", "pretrain_steps",
+                   "pretrain_batch_size", "pretrain_lr", "ema_decay", "seed")
+
+
+def pretrained_checkpoint_path(args: Args) -> Path:
+    if args.pretrained_checkpoint is not None:
+        return Path(args.pretrained_checkpoint)
+    config = {field: getattr(args, field) for field in PRETRAIN_FIELDS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    source = "custom" if args.dataset_path else args.dataset_source
+    return Path(args.pretrained_dir) / f"{args.env_id}__{source}__seed{args.seed}__{digest}.pt"
+
+
+def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
+    """The saved pre-trained policy for this config, or None if it has yet to be trained; refuses another task's."""
+    if not path.exists():
+        if args.pretrained_checkpoint is not None:
+            raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    expected = {"env_id": args.env_id, "pixels_shape": list(chunks["pixels"].shape[1:]),
+                "obs_dim": chunks["state"].shape[1], "action_dim": chunks["actions"].shape[1]}
+    mismatched = {k: (checkpoint["meta"].get(k), v) for k, v in expected.items() if checkpoint["meta"].get(k) != v}
+    if mismatched:
+        raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} (saved, expected). "
+                         "Pass --pretrained-checkpoint for this task or delete the file.")
+    return checkpoint
+
+
+def pretrain(policy, dataset_pixels, dataset_state, dataset_actions, args: Args, writer, partial_path: Path) -> list[float]:
+    """BC on the demonstrations, encoder and denoiser together on randomly shifted images: AdamW, linear warm-up then
+    cosine decay, EMA of the weights (loaded for fine-tuning).
+    Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
+    continues from there to the same weights as an uninterrupted one."""
+    # The learning rate is a tensor on the policy's device, set in place before every step from the schedule, so that
+    # the step can be one CUDA graph
+    lr = torch.zeros((), device=dataset_state.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-6, fused=True, capturable=True)
+    warmup = max(1, args.pretrain_steps // 100)
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.pretrain_steps)))
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    resumable = {"policy": policy, "ema": ema, "optimizer": optimizer}
+    start, losses = 0, []
+    if partial_path.exists():
+        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+        for key, module in resumable.items():
+            module.load_state_dict(state[key])
+        optimizer.param_groups[0].update(lr=lr, capturable=True)  # not the saved values: the steps read this tensor
+        start, losses = state["step"], state["losses"]
+        set_rng_state(state["rng"])
+        print(f"continuing the interrupted pre-training at step {start} from {partial_path}")
+
+    def bc_step(pixels, state, actions):
+        loss = policy.loss(actions, policy.encoder(pixels, state, augment=True)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    bc_update = CudaGraph(bc_step, args.cuda_graphs and dataset_state.device.type == "cuda")
+    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
+        idx = torch.randint(len(dataset_state), (args.pretrain_batch_size,), device=dataset_state.device)
+        lr.fill_(args.pretrain_lr * schedule(step))
+        loss = bc_update(dataset_pixels[idx], dataset_state[idx], dataset_actions[idx])
+        with torch.no_grad():  # copy for the first 1000 steps, then average
+            decay = args.ema_decay if step >= 1000 else 0.0
+            torch._foreach_lerp_(list(ema.parameters()), list(policy.parameters()), 1 - decay)
+        if step % 100 == 0:  # checked here, not every step: reading a GPU's loss waits for its queue to drain
+            check_finite(loss, "pre-training loss", step)
+            losses.append(loss.item())
+            writer.add_scalar("losses/pretrain_dsm", loss.item(), step)
+        if (step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps:
+            save_checkpoint(partial_path, {"step": step + 1, "losses": losses, "rng": rng_state(),
+                                           **{key: module.state_dict() for key, module in resumable.items()}})
+    policy.load_state_dict(ema.state_dict())
+    return losses
+
+
+def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: Path, args: Args, writer) -> dict:
+    """Pre-trains on a forked RNG, so that a run that pre-trains and a later run that loads the file continue with
+    the same random numbers, and saves the policy with its normalisers."""
+    device = next(policy.parameters()).device
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(".partial.pt")
+    start = time.time()
+    with torch.random.fork_rng():
+        losses = pretrain(policy, chunks["pixels"].to(device), obs_normalizer.normalize(chunks["state"].to(device)),
+                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path)
+    meta = {"env_id": args.env_id, "pixels_shape": list(chunks["pixels"].shape[1:]), "obs_dim": chunks["state"].shape[1],
+            "action_dim": chunks["actions"].shape[1],
+            "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses,
+            "seconds": time.time() - start}  # of this process, when an interrupted pre-training was continued
+    checkpoint = {"meta": meta, "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
+                  "action_normalizer": action_normalizer.state_dict()}
+    save_checkpoint(path, checkpoint)
+    partial_path.unlink(missing_ok=True)
+    print(f"saved the pre-trained policy to {path}")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and helpers
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args() -> Args:
+    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given."""
+    args = tyro.cli(Args)
+    if args.env_id in TASK_DEFAULTS:
+        task_default = dataclasses.replace(Args(), env_id=args.env_id, **TASK_DEFAULTS[args.env_id])
+        args = tyro.cli(Args, default=task_default)
+    return args
+
+
+def check_args(args: Args):
+    """Raises ValueError naming the first flag whose value cannot work."""
+    for field in dataclasses.fields(args):
+        value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
+        values = value if isinstance(value, tuple) else (value,)
+        if not values:
+            raise ValueError(f"{flag} needs at least one value")
+        if isinstance(value, bool) or not all(isinstance(x, (int, float)) for x in values):
+            continue
+        if field.name in FRACTIONS and not all(0 <= x <= 1 for x in values):
+            raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
+            raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+
+
+def read_resume_state(resume: str, script: str) -> dict:
+    path = Path(resume) / "checkpoint.pt" if Path(resume).is_dir() else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (give a run folder under runs/ that "
+                                "holds a checkpoint.pt, or the file itself)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("script") != script:
+        raise ValueError(f"{path} is a checkpoint of {state.get('script')}: resume it with that script")
+    if "rng" not in state:
+        raise ValueError(f"{path} was written by an older version of {script}, whose state this version cannot "
+                         "restore: start a new run")
+    return state
+
+
+def check_finite(value, name: str, step: int):
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"{name} is {value.item()} at step {step}: lower the learning rates, check the "
+                                 "dataset for NaN/inf, or resume from the last checkpoint with other settings")
+
+
+def observation_tensors(obs: dict, obs_normalizer, device) -> tuple:
+    """A vector env's observations as the buffer holds them: images uint8 (n, cameras, 3, height, width) and the
+    normalised state."""
+    pixels = torch.as_tensor(obs["pixels"], device=device).permute(0, 1, 4, 2, 3)
+    return pixels, obs_normalizer.normalize(torch.as_tensor(obs["state"], dtype=torch.float32, device=device))
+
+
+def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = False, run_name: str = ""):
+    env_fns = [make_env(args.env_id, seed, i, args.chunk_size, capture_video, run_name) for i in range(num_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+@torch.no_grad()
+def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
+    """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one DDIM
+    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights. Each env runs a
+    quota of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
+    obs, _ = envs.reset(seed=args.seed + 100_000)
+    episode_return = np.zeros(envs.num_envs)
+    returns, scores, successes = [], [], []
+    while len(returns) < args.eval_episodes:
+        obs_n = policy.encoder(*observation_tensors(obs, obs_normalizer, device))
+        if protocol == "single":
+            actions = policy.sample(obs_n, deterministic=True, generator=generator)
+        else:
+            deterministic = partial(policy.sample, deterministic=True, generator=generator)
+            actions, _ = select_candidates(obs_n, deterministic, weigh, args, generator=generator)
+        obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
+        episode_return += reward
+        for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
+            returns.append(episode_return[i])
+            scores.append(info["final_info"]["normalized_score"][i])
+            successes.append(info["final_info"]["success"][i])
+            quota[i] -= 1
+        episode_return[terminated | truncated] = 0
+    return {"episodic_return": float(np.mean(returns)), "normalized_score": float(np.mean(scores)),
+            "success_rate": float(np.mean(successes)), "episodes": len(returns)}
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:  # bad input ends here, before a run folder exists, with one message and exit code 2
+        resume_state = None
+        if args.resume is not None:
+            resume_state = read_resume_state(args.resume, os.path.basename(__file__))
+            args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
+        check_args(args)
+        if args.encoder_weights is not None:
+            load_torchvision_weights(ResNet18(), args.encoder_weights)  # only checked here: loaded before pre-training
+        dataset = load_pixel_dataset(args.env_id, args.dataset_source, args.dataset_path)
+        chunks = make_chunk_transitions(dataset, args.chunk_size)
+        pretrained_path = pretrained_checkpoint_path(args)
+        pretrained = read_pretrained(pretrained_path, chunks, args)
+    except (ValueError, FileNotFoundError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run_name = resume_state["run_name"] if resume_state else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    # On resume, drop only what the interrupted process logged after its checkpoint's step.
+    writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.cuda and not torch.cuda.is_available():
+        print("--cuda: no GPU available, running on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Normalisation and the shared pre-trained policy
+    pixels_shape, obs_dim, action_dim = tuple(chunks["pixels"].shape[1:]), chunks["state"].shape[1], chunks["actions"].shape[1]
+    obs_normalizer = Normalizer(dataset["observations"].min(0), dataset["observations"].max(0)).to(device)
+    action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
+    policy = DiffusionPolicy(pixels_shape, obs_dim, action_dim, args).to(device)
+    feature_dim = policy.encoder.feature_dim  # what the critics, potentials and guidance read
+    if pretrained is None:
+        if args.encoder_weights is not None:
+            load_torchvision_weights(policy.encoder.trunk, args.encoder_weights)
+        pretrained = pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, pretrained_path, args, writer)
+    else:
+        print(f"loaded the pre-trained policy from {pretrained_path}")
+    policy.load_state_dict(pretrained["policy"])
+    obs_normalizer.load_state_dict(pretrained["obs_normalizer"])
+    action_normalizer.load_state_dict(pretrained["action_normalizer"])
+    normalized_chunks = {key: value.to(device) for key, value in chunks.items()}
+    for key, normalizer in (("state", obs_normalizer), ("next_state", obs_normalizer), ("actions", action_normalizer)):
+        normalized_chunks[key] = normalizer.normalize(normalized_chunks[key])
+
+    # ALGO LOGIC: initialize agent here
+    qf = TwinQ(feature_dim, action_dim, args.critic_hidden).to(device)
+    qf_target = copy.deepcopy(qf).requires_grad_(False)
+    vf = mlp(feature_dim, args.critic_hidden, 1).to(device)
+    # fused: one kernel updates every parameter, on the CPU as on the GPU; capturable: the step may be part of a
+    # CUDA graph (docs/speed.md)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
+    actor_optimizer = torch.optim.Adam([{"params": policy.network.parameters()},
+                                        {"params": policy.encoder.parameters(), "lr": args.encoder_lr}],
+                                       lr=args.actor_lr, fused=True, capturable=True)
+    replay = ReplayBuffer(args.buffer_size, pixels_shape, obs_dim, action_dim, policy.encoder, device)
+    if args.offline_data_in_buffer:
+        replay.add(normalized_chunks)
+    checkpointed = {"policy": policy, "qf": qf, "qf_target": qf_target, "vf": vf, "q_optimizer": q_optimizer,
+                    "v_optimizer": v_optimizer, "actor_optimizer": actor_optimizer, "replay": replay}
+    # OTPR: potentials u(s), v(a), and the keypoints, a fixed set of expert pairs so that the cost is one function.
+    # Initialised on a forked RNG: every random number shared with idql_baseline.py stays the same.
+    with torch.random.fork_rng():
+        u_net = mlp(feature_dim, args.ot_hidden, 1, nn.SiLU).to(device)
+        v_net = mlp(action_dim, args.ot_hidden, 1, nn.SiLU).to(device)
+    ot_optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=args.ot_lr, fused=True,
+                                    capturable=True)
+    keypoint_idx = torch.randperm(len(normalized_chunks["state"]), generator=torch.Generator().manual_seed(args.seed))
+    keypoint_idx = keypoint_idx[: args.num_keypoints].to(device)
+    transport_cost = TransportCost(*(normalized_chunks[key][keypoint_idx] for key in ("pixels", "state", "actions")),
+                                   feature_dim, args).to(device)
+    checkpointed.update(u_net=u_net, v_net=v_net, ot_optimizer=ot_optimizer, transport_cost=transport_cost)
+    weigh = partial(guidance_weights, qf_target=qf_target, vf=vf, u_net=u_net, v_net=v_net,
+                    transport_cost=transport_cost, args=args)
+
+    # On a GPU every critic update, actor update and exploration sample is one CUDA graph (CudaGraph): same computation,
+    # one launch instead of hundreds
+    graphs = args.cuda_graphs and device.type == "cuda"
+    critic_update = CudaGraph(partial(update_critics, qf=qf, qf_target=qf_target, vf=vf, q_optimizer=q_optimizer,
+                                      v_optimizer=v_optimizer, args=args), graphs)
+    sample_exploring = partial(policy.sample, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
+    explore = CudaGraph(sample_exploring, graphs)
+    # OTPR: the potential fit ascends in chunks of --ot-check-every steps, one graph each
+    ascend = CudaGraph(partial(dual_ascent, u_net, v_net, ot_optimizer, epsilon=transport_cost.epsilon,
+                               num_steps=args.ot_check_every), graphs)
+
+    def actor_step(obs_batch, actions_batch, weights):
+        loss = actor_loss(policy, obs_batch, actions_batch, weights, transport_cost, args)
+        actor_optimizer.zero_grad()
+        loss.backward()
+        actor_optimizer.step()
+        return loss.detach()
+
+    actor_update = CudaGraph(actor_step, graphs)
+
+    envs = make_vector_env(args, args.seed, args.num_envs)
+    eval_envs = make_vector_env(args, args.seed + 100_000, args.num_envs, args.capture_video, run_name)
+    env_steps_per_iteration = args.num_envs * args.num_steps * args.chunk_size
+    num_iterations = math.ceil(args.total_timesteps / env_steps_per_iteration)
+    updates_per_iteration = max(1, int(args.num_envs * args.num_steps * args.replay_ratio))
+
+    start_iteration, global_step, best, history = 0, 0, None, []
+    timings = {key: 0.0 for key in ("env", "sampling", "critic", "ot", "actor", "eval", "wall")}
+    if resume_state is not None:
+        for key, module in checkpointed.items():
+            module.load_state_dict(resume_state[key])
+        start_iteration, global_step, best = resume_state["iteration"], resume_state["global_step"], resume_state["best"]
+        history, timings = resume_state["history"], resume_state["timings"]
+        set_rng_state(resume_state["rng"])
+        print(f"resumed {run_name} at iteration {start_iteration} ({global_step} env steps)")
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed + start_iteration)
+    episode_return = np.zeros(args.num_envs)
+    start_time = time.time() - timings["wall"]
+    progress = tqdm(range(start_iteration, num_iterations + 1), initial=start_iteration, total=num_iterations + 1)
+    for iteration in progress:
+        if iteration % args.eval_frequency == 0 or iteration == num_iterations:
+            tic = time.perf_counter()
+            results = {protocol: evaluate(eval_envs, policy, weigh, obs_normalizer, action_normalizer, args, device,
+                                          protocol) for protocol in args.eval_protocols}
+            timings["eval"] += time.perf_counter() - tic
+            scores = results[args.eval_protocols[0]]
+            history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
+            best = scores if best is None or scores["normalized_score"] > best["normalized_score"] else best
+            for protocol, result in results.items():
+                for key in ("success_rate", "normalized_score", "episodic_return"):
+                    writer.add_scalar(f"eval_{protocol}/{key}", result[key], global_step)
+            for key in ("success_rate", "normalized_score", "episodic_return"):
+                writer.add_scalar(f"charts/{key}", scores[key], global_step)
+            writer.flush()
+            progress.set_postfix(score=scores["normalized_score"], success=scores["success_rate"])
+        if iteration == num_iterations:
+            break
+
+        # Collect num_steps decisions per env, executing one guided candidate per state (Sec. 4.4)
+        zero_h_states = []
+        for step in range(args.num_steps):
+            tic = time.perf_counter()
+            pixels, state = observation_tensors(obs, obs_normalizer, device)
+            with torch.no_grad():
+                obs_n = policy.encoder(pixels, state)
+            actions, all_zero = select_candidates(obs_n, explore, weigh, args)
+            zero_h_states.append(all_zero.float().mean())
+            env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
+            timings["sampling"] += time.perf_counter() - tic
+
+            tic = time.perf_counter()
+            next_obs, reward, terminated, truncated, info = envs.step(env_actions)
+            timings["env"] += time.perf_counter() - tic
+            done = terminated | truncated
+            chunk_steps = info["chunk_steps"].copy()  # a finished env reports its last chunk in final_info
+            if done.any():
+                chunk_steps[done] = info["final_info"]["chunk_steps"][done]
+            global_step += int(chunk_steps.sum())
+            real_next_obs = {key: value.copy() for key, value in next_obs.items()}
+            for i in np.flatnonzero(done):
+                for key in real_next_obs:
+                    real_next_obs[key][i] = info["final_obs"][i][key]
+            next_pixels, next_state = observation_tensors(real_next_obs, obs_normalizer, device)
+            replay.add({
+                "state": state,
+                "pixels": pixels,
+                "actions": actions,
+                "rewards": torch.as_tensor(reward, dtype=torch.float32),
+                "next_state": next_state,
+                "next_pixels": next_pixels,
+                "terminated": torch.as_tensor(terminated, dtype=torch.float32),
+            })
+            episode_return += reward
+            for i in np.flatnonzero(done):
+                writer.add_scalar("charts/train_episodic_return", episode_return[i], global_step)
+                writer.add_scalar("charts/train_normalized_score", info["final_info"]["normalized_score"][i], global_step)
+            episode_return[done] = 0
+            obs = next_obs
+
+        # ALGO LOGIC: training
+        tic = time.perf_counter()
+        for update in range(updates_per_iteration):
+            critic_stats = critic_update(replay.sample(args.critic_batch_size))
+        check_finite(critic_stats["q_loss"] + critic_stats["v_loss"], "critic loss", global_step)
+        timings["critic"] += time.perf_counter() - tic
+
+        if iteration >= args.critic_warmup_iterations:
+            if args.guidance == "ot":
+                tic = time.perf_counter()
+                transport_cost.encode_keypoints(policy.encoder)
+                ot_stats = fit_transport(ascend, u_net, v_net, qf_target, transport_cost, replay, args)
+                check_finite(torch.tensor(ot_stats["dual"]), "OT dual objective", global_step)
+                if iteration % args.eval_frequency == 0:  # held-out checks cost as much as the fit's cost matrix
+                    ot_stats.update(ot_diagnostics(u_net, v_net, qf_target, transport_cost, replay, args))
+                timings["ot"] += time.perf_counter() - tic
+                for key, value in ot_stats.items():
+                    writer.add_scalar(f"ot/{key}", value, global_step)
+                writer.add_scalar("ot/frac_states_all_zero_h", torch.stack(zero_h_states).mean().item(), global_step)
+
+            tic = time.perf_counter()
+            for obs_batch, actions_batch, weights in actor_minibatches(sample_exploring, replay, weigh, args,
+                                                                       updates_per_iteration):
+                loss = actor_update(obs_batch, actions_batch, weights)
+            check_finite(loss, "actor loss", global_step)
+            writer.add_scalar("losses/actor", loss.item(), global_step)
+            timings["actor"] += time.perf_counter() - tic
+
+        timings["wall"] = time.time() - start_time
+        writer.add_scalar("losses/q", critic_stats["q_loss"].item(), global_step)
+        writer.add_scalar("losses/v", critic_stats["v_loss"].item(), global_step)
+        writer.add_scalar("losses/q_values", critic_stats["q_values"].item(), global_step)
+        writer.add_scalar("charts/SPS", int(global_step / timings["wall"]), global_step)
+        for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
+            writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
+
+        if (iteration + 1) % args.checkpoint_frequency == 0:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
+                "iteration": iteration + 1, "global_step": global_step,
+                "best": best, "history": history, "timings": timings, "rng": rng_state(),
+                **{key: module.state_dict() for key, module in checkpointed.items()},
+            })
+            writer.flush()
+
+    timings["wall"] = time.time() - start_time
+    iterations_run = max(1, num_iterations)
+    summary = {
+        "env_id": args.env_id, "exp_name": args.exp_name, "seed": args.seed, "pretrained_checkpoint": str(pretrained_path),
+        "pretrained": history[0], "final": history[-1], "best": best, "history": history,
+        "env_steps": global_step, "iterations": num_iterations, "wall_time_s": timings["wall"],
+        "SPS": global_step / timings["wall"],
+        "time_per_iteration_s": {key: timings[key] / iterations_run for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    torch.save({"args": vars(args), "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
+                "action_normalizer": action_normalizer.state_dict()}, run_dir / f"{args.exp_name}.pt")
+    print(json.dumps({k: summary[k] for k in ("pretrained", "final", "best", "env_steps", "wall_time_s", "SPS")}, indent=2))
+    envs.close()
+    eval_envs.close()
+    writer.close()
