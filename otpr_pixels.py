@@ -183,8 +183,7 @@ TASK_DEFAULTS = {
 # Data: min-max normalisation, action chunks, replay buffer
 # ----------------------------------------------------------------------------------------------------------------
 class Normalizer:
-    """Maps the dataset's [min, max] of every dimension to [-1, 1]; near-constant dimensions keep a small scale.
-    Here it normalises the state (proprioception); images are standardised by the encoder."""
+    """Maps the dataset's [min, max] of every dimension to [-1, 1]; near-constant dimensions keep a small scale."""
 
     def __init__(self, low: np.ndarray, high: np.ndarray, min_half_range: float = 1e-2):
         self.center = torch.as_tensor((high + low) / 2, dtype=torch.float32)
