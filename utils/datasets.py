@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -356,19 +357,25 @@ def _generated_robomimic(env_id: str) -> Path:
     from utils.make_demos import demo_path, generate  # imports robosuite, which only these tasks need
 
     path = demo_path(env_id)
+    message = (f"{env_id}: generating the scripted demonstrations once into {path} (python -m utils.make_demos "
+               f"{env_id} does the same; set ROBOMIMIC_DEMO_DIR to put them elsewhere)")
+    _create_once(path, partial(generate, env_id), message)
+    return path
+
+
+def _create_once(path: Path, create, message: str) -> None:
+    """Prints message and calls create() (which writes path) unless path exists. Under a lock beside path, so that
+    runs started together (several seeds, say) create it once: the others wait for it and then read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Runs started together (several seeds, say) generate the file once: the others wait for it on this lock.
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"{env_id}: another process is generating {path}; waiting for it")
+            print(f"another process is writing {path}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            print(f"{env_id}: generating the scripted demonstrations once into {path} (python -m utils.make_demos "
-                  f"{env_id} does the same; set ROBOMIMIC_DEMO_DIR to put them elsewhere)")
-            generate(env_id)
-    return path
+            print(message)
+            create()
 
 
 def _robomimic_file(env_id: str, source: str, dataset_path: str | None) -> Path:
@@ -586,16 +593,8 @@ def cached_demo_pixels(env_id: str, states: np.ndarray) -> np.ndarray:
     states = np.ascontiguousarray(states, dtype=np.float64)
     key = pixel_cache_key(env_id, states)
     path = _pixel_cache_file(env_id, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{env_id}: another process is rendering {path}; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            print(f"{env_id}: rendering the camera images of {len(states)} demonstration steps once into {path}")
-            _render_pixel_cache(path, env_id, states, key)
+    _create_once(path, partial(_render_pixel_cache, path, env_id, states, key),
+                 f"{env_id}: rendering the camera images of {len(states)} demonstration steps once into {path}")
     return _read_pixel_cache(path, key, len(states), env_id)
 
 
