@@ -4,6 +4,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,20 @@ def finish(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     return output
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, runs: Path, pattern: str, timeout: float = 600) -> Path:
+    """Waits until a checkpoint matching runs/<pattern> is on disk, kills the process there, returns the file."""
+    for _ in range(int(timeout / 0.2)):
+        found = list(runs.glob(pattern))
+        if found:
+            break
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.2)
+    process.kill()
+    process.communicate()
+    assert found, f"no {pattern} under {runs} after {timeout} s"
+    return found[0]
 
 
 def run_dir(cwd: Path, exp_name: str, seed: int = 3) -> Path:

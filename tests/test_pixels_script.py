@@ -2,14 +2,13 @@
 demonstration files), resume after an interruption, and bad input."""
 import json
 import os
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from tests.e2e import bad_input_error, finish, scalars, start
+from tests.e2e import bad_input_error, finish, kill_at_first_checkpoint, scalars, start
 from utils.datasets import EMBEDDED_ROBOMIMIC_DIR
 
 pytestmark = pytest.mark.skipif(os.environ.get("MUJOCO_GL", "egl").lower() in ("disable", "disabled", "off"),
@@ -58,7 +57,8 @@ def runs(tmp_path_factory, cache_dirs, kitchen_file):
     processes = {}
     for env_id, dataset in datasets.items():
         cwd = tmp_path_factory.mktemp(env_id)
-        processes[env_id] = (cwd, start("otpr_pixels.py", ["--env-id", env_id, "--dataset-path", str(dataset), *TINY], cwd))
+        flags = ["--env-id", env_id, "--dataset-path", str(dataset), *TINY]
+        processes[env_id] = (cwd, start("otpr_pixels.py", flags, cwd))
     for cwd, process in processes.values():
         finish(process)
     return {env_id: cwd for env_id, (cwd, _) in processes.items()}
@@ -92,16 +92,8 @@ def test_tiny_run_fine_tunes_encoder_and_policy_from_images(runs, env_id, camera
 def test_resume_continues_an_interrupted_pixel_run(cache_dirs, kitchen_file, tmp_path):
     args = ["--env-id", KITCHEN, "--dataset-path", str(kitchen_file), *TINY, "--total-timesteps", "60"]  # 3 iterations
     process = start("otpr_pixels.py", args, tmp_path)
-    checkpoint_file = None
-    for _ in range(3000):  # interrupt as soon as the first checkpoint is on disk
-        found = list((tmp_path / "runs").glob(f"{KITCHEN}__otpr_pixels__3__*/checkpoint.pt"))
-        if found:
-            checkpoint_file = found[0]
-            break
-        assert process.poll() is None, process.communicate()[0]
-        time.sleep(0.2)
-    process.kill()
-    process.communicate()
+    pattern = f"{KITCHEN}__otpr_pixels__3__*/checkpoint.pt"
+    checkpoint_file = kill_at_first_checkpoint(process, tmp_path / "runs", pattern)
     interrupted = torch.load(checkpoint_file, weights_only=False)
     assert 1 <= interrupted["iteration"] < 3
 

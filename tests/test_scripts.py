@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from tests.e2e import bad_input_error, finish, run_dir, scalars, start
+from tests.e2e import bad_input_error, finish, kill_at_first_checkpoint, run_dir, scalars, start
 
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
@@ -117,16 +117,8 @@ def test_resume_continues_an_interrupted_run(workdir):
     cwd = workdir[0]
     args = TINY + OTPR_TINY + ["--exp-name", "interrupted", "--total-timesteps", "400"]  # 5 iterations
     process = start("otpr.py", args, cwd)
-    checkpoint_file = None
-    for _ in range(600):  # interrupt as soon as the first checkpoint is on disk
-        found = list((cwd / "runs").glob("Kitchen-Complete-v0__interrupted__3__*/checkpoint.pt"))
-        if found:
-            checkpoint_file = found[0]
-            break
-        assert process.poll() is None, process.communicate()[0]
-        time.sleep(0.2)
-    process.kill()
-    process.communicate()
+    pattern = "Kitchen-Complete-v0__interrupted__3__*/checkpoint.pt"
+    checkpoint_file = kill_at_first_checkpoint(process, cwd / "runs", pattern, timeout=120)
     interrupted = torch.load(checkpoint_file, weights_only=False)
     assert 1 <= interrupted["iteration"] < 5
 
