@@ -864,10 +864,14 @@ PRETRAIN_FIELDS = ("env_id", "dataset_source", "dataset_path", "chunk_size", "en
                    "pretrain_batch_size", "pretrain_lr", "ema_decay", "seed")
 
 
-def pretrained_checkpoint_path(args: Args) -> Path:
+def pretrained_checkpoint_path(args: Args, dataset: dict) -> Path:
+    """The shared pre-trained checkpoint's file, named by the pre-training config and the demonstrations' content: new
+    data (another generator version, an edited file) is pre-trained anew instead of reusing a policy of the old."""
     if args.pretrained_checkpoint is not None:
         return Path(args.pretrained_checkpoint)
     config = {field: getattr(args, field) for field in PRETRAIN_FIELDS}
+    config["data"] = hashlib.sha256(np.ascontiguousarray(dataset["observations"]).tobytes()
+                                    + np.ascontiguousarray(dataset["actions"]).tobytes()).hexdigest()
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     source = "custom" if args.dataset_path else args.dataset_source
     return Path(args.pretrained_dir) / f"{args.env_id}__{source}__seed{args.seed}__{digest}.pt"
@@ -1061,7 +1065,7 @@ if __name__ == "__main__":
             load_torchvision_weights(ResNet18(), args.encoder_weights)  # only checked here: loaded before pre-training
         dataset = load_pixel_dataset(args.env_id, args.dataset_source, args.dataset_path)
         chunks = make_chunk_transitions(dataset, args.chunk_size)
-        pretrained_path = pretrained_checkpoint_path(args)
+        pretrained_path = pretrained_checkpoint_path(args, dataset)
         pretrained = read_pretrained(pretrained_path, chunks, args)
     except (ValueError, FileNotFoundError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)

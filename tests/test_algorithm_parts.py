@@ -6,6 +6,7 @@ weights, a broken chunking of the demonstrations, a uniform choice among candida
 import copy
 import dataclasses
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -311,6 +312,24 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(module):
         module.check_finite(torch.tensor(float("nan")), "critic loss", 7)
     with pytest.raises(FloatingPointError, match="actor loss is inf at step 0"):
         module.check_finite(torch.tensor(float("inf")), "actor loss", 0)
+
+
+@BOTH
+def test_the_pretrained_file_changes_with_the_demonstrations_and_the_config(module):
+    """A new generator version or an edited file must not reuse the policy pre-trained on the old data."""
+    data = {"observations": np.arange(12, dtype=np.float32).reshape(4, 3), "actions": np.zeros((4, 2), np.float32)}
+    path = module.pretrained_checkpoint_path(module.Args(), data)
+    assert path == module.pretrained_checkpoint_path(module.Args(), {k: v.copy() for k, v in data.items()})
+    assert path.parent == Path("runs/pretrained") and path.name.startswith("Kitchen-Complete-v0__d4rl__seed1__")
+    edited_obs = {**data, "observations": data["observations"] + np.eye(4, 3, dtype=np.float32)}
+    edited_actions = {**data, "actions": data["actions"] + 1}
+    longer = module.Args(pretrain_steps=1000)
+    others = [module.pretrained_checkpoint_path(module.Args(), edited_obs),
+              module.pretrained_checkpoint_path(module.Args(), edited_actions),
+              module.pretrained_checkpoint_path(longer, data)]
+    assert len({path, *others}) == 4
+    given = module.Args(pretrained_checkpoint="mine.pt")
+    assert module.pretrained_checkpoint_path(given, data) == Path("mine.pt")
 
 
 def test_pretraining_on_data_with_a_nan_stops_at_the_first_check(tmp_path):

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,7 +279,9 @@ def test_summary_tensorboard_and_checkpoint(workdirs):
 
 def test_every_method_derives_the_same_pretrained_file():
     """Same env, data, seed and pre-training flags: the same file as idql_baseline.py (and so as otpr.py)."""
-    assert dppo.pretrained_checkpoint_path(dppo.Args()) == idql_baseline.pretrained_checkpoint_path(idql_baseline.Args())
+    data = {"observations": np.zeros((3, 60), np.float32), "actions": np.ones((3, 9), np.float32)}
+    assert dppo.pretrained_checkpoint_path(dppo.Args(), data) == \
+        idql_baseline.pretrained_checkpoint_path(idql_baseline.Args(), data)
     assert dppo.PRETRAIN_FIELDS == idql_baseline.PRETRAIN_FIELDS
 
 

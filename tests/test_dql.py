@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -197,10 +198,11 @@ def test_candidates_are_drawn_by_softmax_of_the_min_target_q():
 
 
 def test_dql_loads_the_same_pretrained_checkpoint_as_the_other_scripts():
-    """The file is named by the pre-training config only: DQL's own flags leave it unchanged."""
+    """The file is named by the pre-training config and the data only: DQL's own flags leave it unchanged."""
     flags = {"env_id": "Kitchen-Mixed-v0", "seed": 7, "pretrain_steps": 1000}
-    own = dql.pretrained_checkpoint_path(dql.Args(**flags, eta=1.0, policy_ema_decay=0.9, actor_batch_size=64))
-    assert own == idql_baseline.pretrained_checkpoint_path(idql_baseline.Args(**flags))
+    data = {"observations": np.zeros((3, 60), np.float32), "actions": np.ones((3, 9), np.float32)}
+    own = dql.pretrained_checkpoint_path(dql.Args(**flags, eta=1.0, policy_ema_decay=0.9, actor_batch_size=64), data)
+    assert own == idql_baseline.pretrained_checkpoint_path(idql_baseline.Args(**flags), data)
     assert dql.PRETRAIN_FIELDS == idql_baseline.PRETRAIN_FIELDS
 
 

@@ -11,6 +11,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -177,8 +178,9 @@ def test_shared_definitions_are_textually_identical_to_idql_baseline():
     differing = {name for name in idql.keys() & ours.keys() if idql[name] != ours[name]}
     assert differing <= {"Args", "MAY_BE_ZERO", "FRACTIONS"}, differing
     shared = dict(seed=5, pretrain_steps=123, actor_hidden=(64, 64, 64))
-    assert qsm.pretrained_checkpoint_path(qsm.Args(**shared)) == \
-        idql_baseline.pretrained_checkpoint_path(idql_baseline.Args(**shared))
+    data = {"observations": np.zeros((3, 60), np.float32), "actions": np.ones((3, 9), np.float32)}
+    assert qsm.pretrained_checkpoint_path(qsm.Args(**shared), data) == \
+        idql_baseline.pretrained_checkpoint_path(idql_baseline.Args(**shared), data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
