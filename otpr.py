@@ -1,5 +1,6 @@
 # OTPR: fine-tuning a score-based diffusion policy with optimal transport (Sun et al., 2025, arXiv 2502.12631).
 # Docs and measured results: docs/otpr.md. `diff idql_baseline.py otpr.py` shows what OT adds to IDQL.
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -804,12 +805,12 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
 # Evaluation and helpers
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args() -> Args:
-    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given."""
-    args = tyro.cli(Args)
-    if args.env_id in TASK_DEFAULTS:
-        task_default = dataclasses.replace(Args(), env_id=args.env_id, **TASK_DEFAULTS[args.env_id])
-        args = tyro.cli(Args, default=task_default)
-    return args
+    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given, and
+    `--env-id <id> --help` shows them."""
+    env_id_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    env_id_flag.add_argument("--env-id", "--env_id", default=Args.env_id)
+    env_id = env_id_flag.parse_known_args()[0].env_id
+    return tyro.cli(Args, default=dataclasses.replace(Args(), env_id=env_id, **TASK_DEFAULTS.get(env_id, {})))
 
 
 def check_args(args: Args):

@@ -1,6 +1,7 @@
 # QSM: Q-score matching (Psenka et al., 2024, ICML, arXiv 2312.11752): the diffusion policy's score is regressed onto
 # alpha times the action-gradient of a learned Q. Docs: docs/qsm.md. `diff idql_baseline.py qsm_baseline.py` shows
 # what QSM changes in IDQL's program.
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -593,12 +594,12 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
 # Evaluation and helpers
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args() -> Args:
-    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given."""
-    args = tyro.cli(Args)
-    if args.env_id in TASK_DEFAULTS:
-        task_default = dataclasses.replace(Args(), env_id=args.env_id, **TASK_DEFAULTS[args.env_id])
-        args = tyro.cli(Args, default=task_default)
-    return args
+    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given, and
+    `--env-id <id> --help` shows them."""
+    env_id_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    env_id_flag.add_argument("--env-id", "--env_id", default=Args.env_id)
+    env_id = env_id_flag.parse_known_args()[0].env_id
+    return tyro.cli(Args, default=dataclasses.replace(Args(), env_id=env_id, **TASK_DEFAULTS.get(env_id, {})))
 
 
 def check_args(args: Args):

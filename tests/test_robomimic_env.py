@@ -1,6 +1,7 @@
 """The robomimic tasks' env adapter (robosuite 1.4.1 behind Gymnasium, DPPO's protocol) and the robomimic HDF5 reader."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -255,3 +256,20 @@ def test_robomimic_ids_bring_the_papers_settings_and_explicit_flags_win(script, 
     monkeypatch.setattr(sys, "argv", [script])
     args = module.parse_args()
     assert args.gamma == 0.99 and args.dataset_source == "d4rl"  # the kitchen's defaults are untouched
+
+
+@pytest.mark.parametrize("script", ["otpr", "dppo_baseline"])
+def test_help_after_a_robomimic_env_id_shows_that_tasks_defaults(script, monkeypatch, capsys):
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [script, "--env-id=Robomimic-Can-v0", "--gamma", "0.9"])
+    assert module.parse_args().pretrain_steps == 5000  # the --flag=value form is read too
+    monkeypatch.setenv("COLUMNS", "200")
+    helps = {}
+    for env_id in (CAN, "Kitchen-Complete-v0"):
+        monkeypatch.setattr(sys, "argv", [script, "--env-id", env_id, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args()
+        assert exit_info.value.code == 0
+        helps[env_id] = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    gamma_default = lambda text: re.search(r"--gamma FLOAT .*?\(default: ([0-9.]+)\)", text).group(1)
+    assert gamma_default(helps[CAN]) == "0.999" and gamma_default(helps["Kitchen-Complete-v0"]) == "0.99"
