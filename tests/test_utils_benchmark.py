@@ -157,11 +157,11 @@ def test_speed_measures_env_only_and_training_sps_and_splits_the_ot_phase(capsys
     """A tiny real run of otpr.py (one env, two iterations, small networks): the numbers are consistent."""
     tiny = ["--critic-hidden", "32", "32", "--actor-hidden", "64", "64", "64", "--actor-batch-size", "32",
             "--critic-batch-size", "32", "--ot-batch-size", "32", "--num-keypoints", "16", "--ot-hidden", "32", "32",
-            "--replay-ratio", "0.1"]
+            "--replay-ratio", "0.1", "--num-steps", "10"]  # 2 iterations = 2 x 1 env x 10 decisions x 4 actions
     main(["speed", "--num-envs", "1", "--iterations", "2", "--env-seconds", "2", "--pretrain-steps", "30", "--", *tiny])
     output = capsys.readouterr().out
     result = json.loads(output[: output.index("\n|")])
-    assert result["iterations"] == 2 and result["num_envs"] == 1
+    assert result["iterations"] == 2 and result["num_envs"] == 1  # sized from the given --num-steps
     assert list(result["seconds_per_iteration"]) == ["env", "sampling", "critic", "OT cost matrix", "OT fit", "actor"]
     assert all(value >= 0 for value in result["seconds_per_iteration"].values())
     assert result["env_only_sps"] > 0 and result["pretrain_steps_per_s"] > 0
@@ -169,3 +169,12 @@ def test_speed_measures_env_only_and_training_sps_and_splits_the_ot_phase(capsys
     # training does what env-only stepping does and more: it cannot be faster
     assert result["training_sps"] < result["env_only_sps"]
     assert "| otpr.py | cpu | 1 |" in output
+
+
+def test_speed_sizes_its_iterations_as_the_script_parses_its_flags():
+    import otpr
+    from utils.benchmark import script_args
+
+    assert script_args(otpr, []).num_steps == otpr.Args().num_steps
+    assert script_args(otpr, ["--env-id", "Robomimic-Can-v0"]).num_steps == 75  # the task's defaults
+    assert script_args(otpr, ["--env-id", "Robomimic-Can-v0", "--num-steps", "7", "--chunk-size", "2"]).num_steps == 7

@@ -373,13 +373,23 @@ def ot_cost_seconds(module, args, obs_dim: int, action_dim: int, device: str, re
     return (time.perf_counter() - start) / repeats
 
 
+def script_args(module, flags: Sequence[str]):
+    """The Args that the script parses from these flags, its env id's TASK_DEFAULTS included."""
+    argv, sys.argv = sys.argv, [module.__name__, *flags]
+    try:
+        return module.parse_args()
+    finally:
+        sys.argv = argv
+
+
 def speed(script: str = "otpr.py", device: str = "cpu", num_envs: int = 2, iterations: int = 4, env_seconds: float = 20.0,
           pretrain_steps: int = 500, extra: Sequence[str] = ()) -> dict:
     """One measurement of where the time goes; returns the numbers it prints (see the module docstring)."""
     import torch
 
     module = importlib.import_module(Path(script).stem)
-    steps_per_iteration = num_envs * module.Args().num_steps * module.Args().chunk_size
+    args = script_args(module, extra)
+    steps_per_iteration = num_envs * args.num_steps * args.chunk_size
     command = [sys.executable, str(Path(script).resolve()), "--exp-name", "speed", "--num-envs", str(num_envs),
                "--total-timesteps", str(iterations * steps_per_iteration), "--critic-warmup-iterations", "0",
                "--eval-episodes", str(num_envs), "--eval-frequency", str(10**9), "--pretrain-steps", str(pretrain_steps),
