@@ -5,6 +5,7 @@ weights, a broken chunking of the demonstrations, a uniform choice among candida
 """
 import copy
 import dataclasses
+import importlib
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,6 +85,24 @@ def test_fused_adam_is_a_fast_path_to_the_same_critic_updates(module):
             module.update_critics(batch, qf, qf_target, vf, *optimizers, args)
         weights[fused] = torch.cat([p.flatten() for net in (qf, qf_target, vf) for p in net.parameters()])
     torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("script", ["otpr", "otpr_pixels", "idql_baseline", "dql_baseline", "dppo_baseline",
+                                    "qsm_baseline"])
+def test_cpu_mish_is_a_fast_path_to_torch_mish(script):
+    """Every script's Mish computes F.mish's values and gradients on the CPU, with autograd on (the three-op form it
+    uses there) and off, over the range where softplus switches to the identity (x > 20) and where it underflows."""
+    mish = importlib.import_module(script).Mish()
+    x = torch.cat([torch.linspace(-60, 60, 4001), torch.randn(4000) * 3]).double().requires_grad_(True)
+    with torch.no_grad():
+        torch.testing.assert_close(mish(x), torch.nn.functional.mish(x), atol=1e-12, rtol=1e-12)
+    y = mish(x)
+    (grad,) = torch.autograd.grad(y, x, torch.linspace(-1, 1, len(x), dtype=torch.float64))
+    x_ref = x.detach().requires_grad_(True)
+    y_ref = torch.nn.functional.mish(x_ref)
+    (grad_ref,) = torch.autograd.grad(y_ref, x_ref, torch.linspace(-1, 1, len(x), dtype=torch.float64))
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12)
 
 
 @BOTH
