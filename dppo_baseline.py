@@ -208,12 +208,11 @@ def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
 # Networks
 # ----------------------------------------------------------------------------------------------------------------
 class Mish(nn.Module):
-    """Mish(x) = x tanh(softplus(x)). On the CPU with autograd on, as the three ops: F.mish's CPU backward is the
-    slower one (critic updates 11% faster this way, docs/speed.md). Elsewhere F.mish: one fused kernel on a GPU, and
-    the faster forward on large CPU batches such as the OT cost matrix's."""
+    """Mish(x) = x tanh(softplus(x)): F.mish on a GPU, one fused kernel; on the CPU the three ops, whose vectorised
+    kernels beat F.mish's forward and backward at every batch this code runs (docs/speed.md, item 4)."""
 
     def forward(self, x):
-        return F.mish(x) if x.is_cuda or not torch.is_grad_enabled() else x * torch.tanh(F.softplus(x))
+        return F.mish(x) if x.is_cuda else x * torch.tanh(F.softplus(x))
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -90,8 +90,8 @@ def test_fused_adam_is_a_fast_path_to_the_same_critic_updates(module):
 @pytest.mark.parametrize("script", ["otpr", "otpr_pixels", "idql_baseline", "dql_baseline", "dppo_baseline",
                                     "qsm_baseline"])
 def test_cpu_mish_is_a_fast_path_to_torch_mish(script):
-    """Every script's Mish computes F.mish's values and gradients on the CPU, with autograd on (the three-op form it
-    uses there) and off, over the range where softplus switches to the identity (x > 20) and where it underflows."""
+    """Every script's Mish (on the CPU, the three-op form) computes F.mish's values and gradients, with autograd on and
+    off, over the range where softplus switches to the identity (x > 20) and where it underflows."""
     mish = importlib.import_module(script).Mish()
     x = torch.cat([torch.linspace(-60, 60, 4001), torch.randn(4000) * 3]).double().requires_grad_(True)
     with torch.no_grad():

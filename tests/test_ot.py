@@ -129,6 +129,24 @@ def test_transport_cost_modes_and_separate_standardisation():
         torch.testing.assert_close(mixed(scaled_qf, s, a), expected.diagonal())  # later costs use the same spreads
 
 
+def test_cost_matrix_in_blocks_has_the_values_of_one_call():
+    """The all-pairs cost is computed a block of states at a time (in_blocks): every pair exactly once and in place,
+    whatever the block size, including blocks that do not divide the rows and inputs that are expanded views."""
+    torch.manual_seed(0)
+    qf = otpr.TwinQ(5, 3, (16,))
+    s, a = torch.randn(7, 5), torch.randn(6, 3)
+    pairs = s[:, None].expand(-1, 6, -1), a[None].expand(7, -1, -1)
+    for pairs_per_block in (1, 6, 13, 100):
+        torch.testing.assert_close(otpr.in_blocks(qf.min, *pairs, pairs_per_block=pairs_per_block), qf.min(*pairs))
+    aligned = torch.randn(10, 5), torch.randn(10, 3)
+    torch.testing.assert_close(otpr.in_blocks(qf.min, *aligned, pairs_per_block=3), qf.min(*aligned))
+    # at the default block size a 90 x 70 problem takes two blocks (58 + 32 states)
+    s, a = torch.randn(90, 5), torch.randn(70, 3)
+    cost = otpr.TransportCost(torch.randn(4, 5), torch.randn(4, 3), otpr.Args(ot_mode="unsupervised"))
+    expected = -qf.min(s[:, None].expand(-1, 70, -1), a[None].expand(90, -1, -1))
+    torch.testing.assert_close(cost(qf, s, a, all_pairs=True), expected)
+
+
 def test_masked_problem_separates_into_the_replay_block_and_closed_form_keypoints():
     """Eq. 14 with K keypoints and N replay samples = the replay-only problem at epsilon (K + N) / N carrying mass
     N / (K + N), plus mass 1 / (K + N) on each keypoint's own action (what otpr.py fits and adds)."""
