@@ -64,6 +64,10 @@ class Args:
     """pixels of random-shift augmentation (pad, then crop at a random offset) on the images of every training loss"""
     encoder_lr: float = 1e-5
     """learning rate of the encoder during fine-tuning, where it is trained by the actor's loss (pre-training: --pretrain-lr)"""
+    critic_encoder: Literal["shared", "own"] = "shared"
+    """what the critics, potentials and guidance read: the policy encoder's features without gradient, or their own copy of the pre-trained encoder, trained by the Q loss (DrQ-v2's layout)"""
+    critic_encoder_lr: float = 1e-4
+    """learning rate of the critics' own encoder (--critic-encoder own; 0 keeps the pre-trained features fixed)"""
 
     # Diffusion policy and behaviour-cloning pre-training
     denoising_steps: int = 20
@@ -168,7 +172,7 @@ class Args:
 
 # Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
 MAY_BE_ZERO = ("seed", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std", "ot_alpha",
-               "random_shift", "encoder_lr")
+               "random_shift", "encoder_lr", "critic_encoder_lr")
 FRACTIONS = ("ema_decay", "gamma", "tau", "expectile", "ot_alpha")
 
 # The paper's Robomimic settings (DPPO's protocol) replace the kitchen defaults above for these env ids; flags given on
@@ -240,8 +244,8 @@ def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
 
 class ReplayBuffer:
     """FIFO buffer of normalised decisions, held as tensors on the training device, images as uint8. Besides its
-    stored keys, sample() and rows() hand out "obs" and "next_obs": the encoder's current features of an observation
-    (no gradient), which is what the critics, the potentials and the guidance read."""
+    stored keys, sample() and rows() hand out "obs" and "next_obs": the current features of an observation by
+    `encoder` (no gradient), the critics' encoder, whose features the critics, the potentials and the guidance read."""
 
     def __init__(self, capacity: int, pixels_shape: tuple[int, ...], state_dim: int, action_dim: int, encoder, device):
         self.capacity, self.size, self.pos, self.encoder = capacity, 0, 0, encoder
@@ -406,6 +410,13 @@ class Encoder(nn.Module):
         return torch.cat([*(head(maps[:, i]) for i, head in enumerate(self.keypoints)), state], dim=-1)
 
 
+@torch.no_grad()
+def policy_and_critic_features(policy_encoder, critic_encoder, pixels, state) -> tuple:
+    """The policy's features of observations and the critics' (one pass when the critics read the policy encoder)."""
+    obs = policy_encoder(pixels, state)
+    return obs, obs if critic_encoder is policy_encoder else critic_encoder(pixels, state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,10 +551,14 @@ def expectile_loss(diff, expectile: float):
     return (weight * diff**2).mean()
 
 
-def update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args: Args) -> dict:
+def update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args: Args, critic_encoder=None) -> dict:
+    """With `critic_encoder` (--critic-encoder own) the batch holds the images and states of "obs", not its features:
+    the Q loss trains the encoder through randomly shifted images; V and the TD target read features without
+    gradient (DrQ-v2's layout: the next observations' features come from the same encoder, not a target copy)."""
+    obs = batch["obs"] if critic_encoder is None else critic_encoder(batch["pixels"], batch["state"], augment=True)
     with torch.no_grad():
-        q_target = qf_target.min(batch["obs"], batch["actions"])
-    v_loss = expectile_loss(q_target - vf(batch["obs"]).squeeze(-1), args.expectile)
+        q_target = qf_target.min(obs, batch["actions"])
+    v_loss = expectile_loss(q_target - vf(obs.detach()).squeeze(-1), args.expectile)
     v_optimizer.zero_grad()
     v_loss.backward()
     v_optimizer.step()
@@ -551,7 +566,7 @@ def update_critics(batch, qf, qf_target, vf, q_optimizer, v_optimizer, args: Arg
     with torch.no_grad():
         next_v = vf(batch["next_obs"]).squeeze(-1)
         td_target = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_v
-    q1, q2 = qf(batch["obs"], batch["actions"])
+    q1, q2 = qf(obs, batch["actions"])
     q_loss = F.mse_loss(q1, td_target) + F.mse_loss(q2, td_target)
     q_optimizer.zero_grad()
     q_loss.backward()
@@ -744,20 +759,22 @@ def guidance_weights(obs, actions, qf_target, vf, u_net, v_net, transport_cost: 
 
 
 @torch.no_grad()
-def select_candidates(obs, sample, weigh, args: Args, generator=None):
+def select_candidates(obs, sample, weigh, args: Args, generator=None, critic_obs=None):
     """Draws S chunks per state with `sample` (states -> chunks: the exploring or the deterministic sampler) and keeps
-    one per state, drawn with probability proportional to weigh(s, a).
+    one per state, drawn with probability proportional to weigh(s, a). `obs` are the policy's features of the states,
+    `critic_obs` the guidance's (--critic-encoder own; default: obs).
     Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
     n, num_candidates = len(obs), args.num_candidates
+    critic_obs = obs if critic_obs is None else critic_obs
     candidates = sample(obs.repeat_interleave(num_candidates, 0)).view(n, num_candidates, -1)
-    weights = weigh(obs[:, None].expand(-1, num_candidates, -1), candidates)
+    weights = weigh(critic_obs[:, None].expand(-1, num_candidates, -1), candidates)
     all_zero = weights.sum(1) == 0
     weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
     choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return candidates[torch.arange(n, device=obs.device), choice], all_zero
 
 
-def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: int):
+def actor_minibatches(sample_exploring, encode, replay, weigh, args: Args, num_updates: int):
     """The (states, action chunks, guidance weights or None) of each actor update of one iteration, by --actor-objective:
     resampled: Sec. 4.4, S policy samples per replay state, one drawn in proportion to the guidance, as DSM targets;
     plan: Eq. 10, every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted by the
@@ -767,8 +784,9 @@ def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: 
         iteration's minibatches draw (with the default budget at most a ninth of the draws);
     buffer: the released code's unweighted buffer pairs (OT acts only through what was executed).
     Minibatches are made as the updates ask for them: `resampled` samples the policy of the current update
-    (`sample_exploring`: states -> exploration chunks). The guidance reads the observations' features; the updates
-    get their images and states ({"pixels", "state"}), to train the encoder through the actor loss."""
+    (`sample_exploring`: states -> exploration chunks; `encode`: images and states -> the policy's and the guidance's
+    features). The guidance reads the observations' features; the updates get their images and states
+    ({"pixels", "state"}), to train the encoder through the actor loss."""
     if args.actor_objective == "aligned":
         idx = torch.randint(replay.size, (num_updates, args.actor_batch_size), device=replay.data["state"].device)
         rows, position = idx.unique(return_inverse=True)
@@ -785,9 +803,10 @@ def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: 
             states = {key: value.repeat_interleave(n, 0) for key, value in states.items()}  # row i * n + j: state i
             yield states, actions.reshape(n * n, -1), weigh(obs, actions).reshape(-1)
         else:
-            batch = replay.sample(args.actor_batch_size, ("obs", "pixels", "state", "actions"))
+            batch = replay.sample(args.actor_batch_size, ("pixels", "state", "actions"))
             if args.actor_objective == "resampled":
-                batch["actions"], _ = select_candidates(batch["obs"], sample_exploring, weigh, args)
+                obs, critic_obs = encode(batch["pixels"], batch["state"])
+                batch["actions"], _ = select_candidates(obs, sample_exploring, weigh, args, critic_obs=critic_obs)
             yield {key: batch[key] for key in ("pixels", "state")}, batch["actions"], None
 
 
@@ -1042,22 +1061,24 @@ def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = 
 
 
 @torch.no_grad()
-def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
+def evaluate(envs, policy, encode, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
     """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one DDIM
-    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights. Each env runs a
-    quota of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
+    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights (`encode`: images
+    and states -> the policy's and the guidance's features). Each env runs a quota of episodes fixed in advance, so
+    that short (successful) episodes are not counted first and more often."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
     obs, _ = envs.reset(seed=args.seed + 100_000)
     episode_return = np.zeros(envs.num_envs)
     returns, scores, successes = [], [], []
     while len(returns) < args.eval_episodes:
-        obs_n = policy.encoder(*observation_tensors(obs, obs_normalizer, device))
+        pixels, state = observation_tensors(obs, obs_normalizer, device)
         if protocol == "single":
-            actions = policy.sample(obs_n, deterministic=True, generator=generator)
+            actions = policy.sample(policy.encoder(pixels, state), deterministic=True, generator=generator)
         else:
+            obs_n, critic_obs = encode(pixels, state)
             deterministic = partial(policy.sample, deterministic=True, generator=generator)
-            actions, _ = select_candidates(obs_n, deterministic, weigh, args, generator=generator)
+            actions, _ = select_candidates(obs_n, deterministic, weigh, args, generator, critic_obs)
         obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
         episode_return += reward
         for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
@@ -1125,18 +1146,27 @@ if __name__ == "__main__":
     qf = TwinQ(feature_dim, action_dim, args.critic_hidden).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     vf = mlp(feature_dim, args.critic_hidden, 1).to(device)
+    # What the critics, potentials and guidance read: the policy encoder, or their own copy trained by the Q loss
+    own_encoder = args.critic_encoder == "own"
+    critic_encoder = copy.deepcopy(policy.encoder) if own_encoder else policy.encoder
+    encode = partial(policy_and_critic_features, policy.encoder, critic_encoder)
+    q_parameters = [{"params": qf.parameters()}]
+    if own_encoder:
+        q_parameters.append({"params": critic_encoder.parameters(), "lr": args.critic_encoder_lr})
     # fused: one kernel updates every parameter, on the CPU as on the GPU; capturable: the step may be part of a
     # CUDA graph (docs/speed.md)
-    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
+    q_optimizer = torch.optim.Adam(q_parameters, lr=args.critic_lr, fused=True, capturable=True)
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, fused=True, capturable=True)
     actor_optimizer = torch.optim.Adam([{"params": policy.network.parameters()},
                                         {"params": policy.encoder.parameters(), "lr": args.encoder_lr}],
                                        lr=args.actor_lr, fused=True, capturable=True)
-    replay = ReplayBuffer(args.buffer_size, pixels_shape, obs_dim, action_dim, policy.encoder, device)
+    replay = ReplayBuffer(args.buffer_size, pixels_shape, obs_dim, action_dim, critic_encoder, device)
     if args.offline_data_in_buffer:
         replay.add(normalized_chunks)
     checkpointed = {"policy": policy, "qf": qf, "qf_target": qf_target, "vf": vf, "q_optimizer": q_optimizer,
                     "v_optimizer": v_optimizer, "actor_optimizer": actor_optimizer, "replay": replay}
+    if own_encoder:
+        checkpointed["critic_encoder"] = critic_encoder
     # OTPR: potentials u(s), v(a), and the keypoints, a fixed set of expert pairs so that the cost is one function.
     # Initialised on a forked RNG: every random number shared with idql_baseline.py stays the same.
     with torch.random.fork_rng():
@@ -1156,7 +1186,10 @@ if __name__ == "__main__":
     # one launch instead of hundreds
     graphs = args.cuda_graphs and device.type == "cuda"
     critic_update = CudaGraph(partial(update_critics, qf=qf, qf_target=qf_target, vf=vf, q_optimizer=q_optimizer,
-                                      v_optimizer=v_optimizer, args=args), graphs)
+                                      v_optimizer=v_optimizer, args=args,
+                                      critic_encoder=critic_encoder if own_encoder else None), graphs)
+    # the critic update gets the features of "obs" or, to train the critics' own encoder, its images and states
+    critic_keys = ("pixels", "state") if own_encoder else ("obs",)
     sample_exploring = partial(policy.sample, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
     explore = CudaGraph(sample_exploring, graphs)
     # OTPR: the potential fit ascends in chunks of --ot-check-every steps, one graph each
@@ -1196,8 +1229,8 @@ if __name__ == "__main__":
     for iteration in progress:
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
             tic = time.perf_counter()
-            results = {protocol: evaluate(eval_envs, policy, weigh, obs_normalizer, action_normalizer, args, device,
-                                          protocol) for protocol in args.eval_protocols}
+            results = {protocol: evaluate(eval_envs, policy, encode, weigh, obs_normalizer, action_normalizer, args,
+                                          device, protocol) for protocol in args.eval_protocols}
             timings["eval"] += time.perf_counter() - tic
             scores = results[args.eval_protocols[0]]
             history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
@@ -1217,9 +1250,8 @@ if __name__ == "__main__":
         for step in range(args.num_steps):
             tic = time.perf_counter()
             pixels, state = observation_tensors(obs, obs_normalizer, device)
-            with torch.no_grad():
-                obs_n = policy.encoder(pixels, state)
-            actions, all_zero = select_candidates(obs_n, explore, weigh, args)
+            obs_n, critic_obs = encode(pixels, state)
+            actions, all_zero = select_candidates(obs_n, explore, weigh, args, critic_obs=critic_obs)
             zero_h_states.append(all_zero.float().mean())
             env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
             timings["sampling"] += time.perf_counter() - tic
@@ -1256,14 +1288,15 @@ if __name__ == "__main__":
         # ALGO LOGIC: training
         tic = time.perf_counter()
         for update in range(updates_per_iteration):
-            critic_stats = critic_update(replay.sample(args.critic_batch_size))
+            critic_stats = critic_update(replay.sample(args.critic_batch_size,
+                                                       (*critic_keys, "actions", "rewards", "next_obs", "terminated")))
         check_finite(critic_stats["q_loss"] + critic_stats["v_loss"], "critic loss", global_step)
         timings["critic"] += time.perf_counter() - tic
 
         if iteration >= args.critic_warmup_iterations:
             if args.guidance == "ot":
                 tic = time.perf_counter()
-                transport_cost.encode_keypoints(policy.encoder)
+                transport_cost.encode_keypoints(critic_encoder)
                 ot_stats = fit_transport(ascend, u_net, v_net, qf_target, transport_cost, replay, args)
                 check_finite(torch.tensor(ot_stats["dual"]), "OT dual objective", global_step)
                 if iteration % args.eval_frequency == 0:  # held-out checks cost as much as the fit's cost matrix
@@ -1274,7 +1307,7 @@ if __name__ == "__main__":
                 writer.add_scalar("ot/frac_states_all_zero_h", torch.stack(zero_h_states).mean().item(), global_step)
 
             tic = time.perf_counter()
-            for obs_batch, actions_batch, weights in actor_minibatches(sample_exploring, replay, weigh, args,
+            for obs_batch, actions_batch, weights in actor_minibatches(sample_exploring, encode, replay, weigh, args,
                                                                        updates_per_iteration):
                 loss = actor_update(obs_batch, actions_batch, weights)
             check_finite(loss, "actor loss", global_step)

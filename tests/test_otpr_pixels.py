@@ -165,8 +165,8 @@ def test_replay_hands_out_the_features_of_each_rows_observation_and_next_observa
 def test_plan_minibatch_pairs_state_i_with_action_j_and_weighs_the_same_pair():
     replay = filled_buffer()
     weigh = lambda obs, actions: obs[..., 0] * 1000 + actions[..., 0]  # identifies the pair
-    (obs, actions, weights), = op.actor_minibatches(None, replay, weigh, args(actor_objective="plan", actor_batch_size=9),
-                                                    num_updates=1)
+    config = args(actor_objective="plan", actor_batch_size=9)
+    (obs, actions, weights), = op.actor_minibatches(None, None, replay, weigh, config, num_updates=1)
     assert obs["pixels"].shape == (9, 1, 3, 4, 4) and actions.shape == (9, 3)
     features = MeanEncoder()(obs["pixels"], obs["state"])
     torch.testing.assert_close(weights, features[:, 0] * 1000 + actions[:, 0])
@@ -176,11 +176,71 @@ def test_plan_minibatch_pairs_state_i_with_action_j_and_weighs_the_same_pair():
 def test_aligned_minibatches_weigh_the_rows_they_hand_out():
     replay = filled_buffer()
     weigh = lambda obs, actions: obs[..., 0] * 1000 + actions[..., 0]
-    batches = list(op.actor_minibatches(None, replay, weigh, args(actor_objective="aligned", actor_batch_size=16),
-                                        num_updates=3))
+    config = args(actor_objective="aligned", actor_batch_size=16)
+    batches = list(op.actor_minibatches(None, None, replay, weigh, config, num_updates=3))
     assert len(batches) == 3
     for obs, actions, weights in batches:
         torch.testing.assert_close(weights, MeanEncoder()(obs["pixels"], obs["state"])[:, 0] * 1000 + actions[:, 0])
+
+
+def test_resampled_minibatch_samples_from_policy_features_and_weighs_with_the_critics():
+    replay = filled_buffer()
+    encode = lambda pixels, state: (state * 10, state * 100)  # policy features, critic features: told apart by scale
+    seen = {}
+
+    def sample(obs):
+        seen["sampled"] = obs
+        return obs[:, :1].expand(-1, 3) + torch.arange(3.0)
+
+    def weigh(obs, actions):
+        seen["weighed"] = obs
+        return torch.ones(actions.shape[:-1])
+
+    config = args(actor_objective="resampled", actor_batch_size=5, num_candidates=2)
+    (obs, actions, weights), = op.actor_minibatches(sample, encode, replay, weigh, config, num_updates=1)
+    torch.testing.assert_close(seen["sampled"], (obs["state"] * 10).repeat_interleave(2, 0))
+    torch.testing.assert_close(seen["weighed"], (obs["state"] * 100)[:, None].expand(-1, 2, -1))
+    torch.testing.assert_close(actions, obs["state"][:, :1] * 10 + torch.arange(3.0))
+    assert weights is None
+
+
+def test_policy_and_critic_features_share_one_pass_or_use_each_encoder():
+    calls = []
+    policy_encoder = lambda pixels, state: calls.append("policy") or state + 1
+    critic_encoder = lambda pixels, state: calls.append("critic") or state + 2
+    state = torch.zeros(3, 2)
+    obs, critic_obs = op.policy_and_critic_features(policy_encoder, policy_encoder, None, state)
+    assert critic_obs is obs and calls == ["policy"]
+    obs, critic_obs = op.policy_and_critic_features(policy_encoder, critic_encoder, None, state)
+    assert torch.equal(obs, state + 1) and torch.equal(critic_obs, state + 2)
+
+
+def critic_parts(feature_dim: int, action_dim: int, encoder=None):
+    torch.manual_seed(0)
+    qf, vf = op.TwinQ(feature_dim, action_dim, (16, 16)), op.mlp(feature_dim, (16, 16), 1)
+    encoder_parameters = [] if encoder is None else [{"params": encoder.parameters(), "lr": 1e-2}]
+    return dict(qf=qf, qf_target=op.TwinQ(feature_dim, action_dim, (16, 16)).requires_grad_(False), vf=vf,
+                q_optimizer=torch.optim.Adam([{"params": qf.parameters()}, *encoder_parameters], lr=1e-3),
+                v_optimizer=torch.optim.Adam(vf.parameters(), lr=1e-3))
+
+
+def test_critics_own_encoder_is_trained_by_the_q_loss_on_the_features_the_shared_update_reads():
+    torch.manual_seed(0)
+    config = args(encoder_keypoints=2, random_shift=0)  # without shifts both updates see the same features
+    encoder = op.Encoder((1, 3, 64, 64), 2, config)
+    replay = op.ReplayBuffer(16, (1, 3, 64, 64), 2, 3, encoder, "cpu")
+    replay.add({"state": torch.randn(8, 2), "pixels": torch.randint(256, (8, 1, 3, 64, 64), dtype=torch.uint8),
+                "actions": torch.randn(8, 3), "rewards": torch.randn(8), "next_state": torch.randn(8, 2),
+                "next_pixels": torch.randint(256, (8, 1, 3, 64, 64), dtype=torch.uint8), "terminated": torch.zeros(8)})
+    batch = replay.rows(torch.arange(8), ("obs", "pixels", "state", "actions", "rewards", "next_obs", "terminated"))
+    shared = op.update_critics({k: v for k, v in batch.items() if k not in ("pixels", "state")},
+                               **critic_parts(encoder.feature_dim, 3), args=config)
+    before = [p.detach().clone() for p in encoder.parameters()]
+    own = op.update_critics({k: v for k, v in batch.items() if k != "obs"},
+                            **critic_parts(encoder.feature_dim, 3, encoder), args=config, critic_encoder=encoder)
+    for key in ("q_loss", "v_loss", "q_values"):
+        torch.testing.assert_close(own[key], shared[key])
+    assert not torch.equal(encoder.trunk.conv1.weight, before[0])  # the Q loss reached the encoder
 
 
 def test_actor_loss_trains_the_encoder_and_matches_the_keypoints_own_actions():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import otpr_pixels as op
 from tests.e2e import bad_input_error, finish, kill_at_first_checkpoint, scalars, start
 from utils.datasets import EMBEDDED_ROBOMIMIC_DIR
 
@@ -21,6 +22,7 @@ TINY = ["--seed", "3", "--pretrain-steps", "20", "--pretrain-batch-size", "8", "
         "--actor-hidden", "32", "32", "32", "--critic-hidden", "32", "32", "--critic-warmup-iterations", "1",
         "--replay-ratio", "0.2", "--num-candidates", "2", "--critic-batch-size", "16", "--actor-batch-size", "16",
         "--ot-hidden", "16", "16", "--ot-batch-size", "16", "--num-keypoints", "8", "--ot-max-steps", "20"]
+CRITIC_ENCODER_OWN = ["--critic-encoder", "own", "--critic-encoder-lr", "1e-3"]
 ENV_STEPS = 40  # 2 iterations of 1 env x 5 decisions x 4 actions
 
 
@@ -52,12 +54,14 @@ def kitchen_file(tmp_path_factory, real_complete_file):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dirs, kitchen_file):
-    """A kitchen and a robomimic run at once, each in its own folder; returns {env id: folder}."""
+    """A kitchen and a robomimic run at once, each in its own folder; returns {env id: folder}. The robomimic run's
+    critics have their own encoder."""
     datasets = {KITCHEN: kitchen_file, CAN: EMBEDDED_ROBOMIMIC_DIR / "can_scripted_mh_gen1_seed0_n4.hdf5"}
     processes = {}
     for env_id, dataset in datasets.items():
         cwd = tmp_path_factory.mktemp(env_id)
         flags = ["--env-id", env_id, "--dataset-path", str(dataset), *TINY]
+        flags += CRITIC_ENCODER_OWN if env_id == CAN else []
         processes[env_id] = (cwd, start("otpr_pixels.py", flags, cwd))
     for cwd, process in processes.values():
         finish(process)
@@ -79,9 +83,21 @@ def test_tiny_run_fine_tunes_encoder_and_policy_from_images(runs, env_id, camera
     assert replay["pixels"].dtype == torch.uint8 and replay["pixels"].shape[1:] == (cameras, 3, 84, 84)
     assert replay["next_pixels"].shape == replay["pixels"].shape and replay["state"].shape[1] == 9
     assert checkpoint["args"]["gamma"] == (0.999 if env_id == CAN else 0.99)  # the task's defaults reached the run
-    # the encoder was trained by the actor loss during fine-tuning (--encoder-lr), the critics read its features
+    # the encoder was trained by the actor loss during fine-tuning (--encoder-lr)
     final = torch.load(run / "otpr_pixels.pt", weights_only=False)["policy"]
     assert not torch.equal(final["encoder.trunk.conv1.weight"], pretrained["policy"]["encoder.trunk.conv1.weight"])
+    if env_id == CAN:  # the critics' own encoder: a copy of the pre-trained one, trained by the Q loss alone
+        critic_weights = checkpoint["critic_encoder"]["trunk.conv1.weight"]
+        assert not torch.equal(critic_weights, pretrained["policy"]["encoder.trunk.conv1.weight"])
+        assert not torch.equal(critic_weights, checkpoint["policy"]["encoder.trunk.conv1.weight"])
+        critic_encoder = op.Encoder((cameras, 3, 84, 84), 9, op.Args(encoder_keypoints=8))
+        critic_encoder.load_state_dict(checkpoint["critic_encoder"])
+        keypoints = checkpoint["transport_cost"]  # the guidance's keypoint features come from the critics' encoder
+        with torch.no_grad():
+            torch.testing.assert_close(keypoints["keypoint_obs"],
+                                       critic_encoder(keypoints["keypoint_pixels"], keypoints["keypoint_state"]))
+    else:  # the critics read the policy encoder's features
+        assert "critic_encoder" not in checkpoint
     # Q reads (features: 8 keypoints x 2 per camera, state 9) and a chunk of 4 actions (robomimic 7-dim, kitchen 9-dim)
     assert checkpoint["qf"]["q1.0.weight"].shape[1] == cameras * 16 + 9 + 4 * (7 if env_id == CAN else 9)
     logged = scalars(run)
