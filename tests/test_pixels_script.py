@@ -22,7 +22,7 @@ TINY = ["--seed", "3", "--pretrain-steps", "20", "--pretrain-batch-size", "8", "
         "--actor-hidden", "32", "32", "32", "--critic-hidden", "32", "32", "--critic-warmup-iterations", "1",
         "--replay-ratio", "0.2", "--num-candidates", "2", "--critic-batch-size", "16", "--actor-batch-size", "16",
         "--ot-hidden", "16", "16", "--ot-batch-size", "16", "--num-keypoints", "8", "--ot-max-steps", "20"]
-CRITIC_ENCODER_OWN = ["--critic-encoder", "own", "--critic-encoder-lr", "1e-3"]
+CRITIC_ENCODER_OWN = ["--critic-encoder", "own", "--critic-encoder-lr", "1e-3", "--eval-protocols", "single", "select"]
 ENV_STEPS = 40  # 2 iterations of 1 env x 5 decisions x 4 actions
 
 
@@ -55,7 +55,7 @@ def kitchen_file(tmp_path_factory, real_complete_file):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dirs, kitchen_file):
     """A kitchen and a robomimic run at once, each in its own folder; returns {env id: folder}. The robomimic run's
-    critics have their own encoder."""
+    critics have their own encoder, and it is evaluated under both protocols."""
     datasets = {KITCHEN: kitchen_file, CAN: EMBEDDED_ROBOMIMIC_DIR / "can_scripted_mh_gen1_seed0_n4.hdf5"}
     processes = {}
     for env_id, dataset in datasets.items():
@@ -87,6 +87,7 @@ def test_tiny_run_fine_tunes_encoder_and_policy_from_images(runs, env_id, camera
     final = torch.load(run / "otpr_pixels.pt", weights_only=False)["policy"]
     assert not torch.equal(final["encoder.trunk.conv1.weight"], pretrained["policy"]["encoder.trunk.conv1.weight"])
     if env_id == CAN:  # the critics' own encoder: a copy of the pre-trained one, trained by the Q loss alone
+        assert set(summary["final"]["protocols"]) == {"single", "select"}
         critic_weights = checkpoint["critic_encoder"]["trunk.conv1.weight"]
         assert not torch.equal(critic_weights, pretrained["policy"]["encoder.trunk.conv1.weight"])
         assert not torch.equal(critic_weights, checkpoint["policy"]["encoder.trunk.conv1.weight"])
