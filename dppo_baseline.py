@@ -636,10 +636,16 @@ def check_args(args: Args):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
             raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+    if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
+        raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
 
 
 def check_ppo_args(args: Args):
     """Raises ValueError for what check_args cannot see: flags that only fail together."""
+    if len(set(args.critic_hidden)) != 1 or len(args.critic_hidden) % 2 == 0:
+        raise ValueError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: the residual value network has one "
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. 256 256 256")
     if args.ft_denoising_steps > args.denoising_steps:
         raise ValueError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds --denoising-steps "
                          f"{args.denoising_steps}")

@@ -397,14 +397,31 @@ def guidance_weights(obs, actions, qf_target, vf, args: Args):
 def select_candidates(obs, sample, weigh, args: Args, generator=None):
     """Draws S chunks per state with `sample` (states -> chunks: the exploring or the deterministic sampler) and keeps
     one per state, drawn with probability proportional to weigh(s, a).
-    Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
+    Returns the kept chunks (n, action_dim) and the selection's lever per state (selection_lever)."""
     n, num_candidates = len(obs), args.num_candidates
     candidates = sample(obs.repeat_interleave(num_candidates, 0)).view(n, num_candidates, -1)
     weights = weigh(obs[:, None].expand(-1, num_candidates, -1), candidates)
     all_zero = weights.sum(1) == 0
     weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
     choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    return candidates[torch.arange(n, device=obs.device), choice], all_zero
+    return candidates[torch.arange(n, device=obs.device), choice], selection_lever(weights, candidates, all_zero)
+
+
+def effective_sample_size(weights):
+    """(sum w)^2 / sum w^2 along the last dimension: n for n equal weights, 1 when one weight takes all."""
+    return weights.sum(-1) ** 2 / (weights**2).sum(-1).clamp(min=1e-30)
+
+
+def selection_lever(weights, candidates, all_zero) -> dict:
+    """How much the weights (n, S) decide which of each state's S candidates (n, S, d) is executed, per state:
+    candidate_ess: effective number of candidates (S: the choice is uniform; 1: one candidate takes all);
+    top_candidate_prob: the largest selection probability; candidate_spread: the mean distance between two
+    candidates, as a root mean square over the d normalised action dimensions (flat weights over alike candidates
+    and flat weights over distinct ones are told apart by it); all_zero: every weight was 0 (the choice was uniform)."""
+    num_candidates, dim = candidates.shape[1:]
+    distances = torch.cdist(candidates, candidates).sum((1, 2)) / max(1, num_candidates * (num_candidates - 1))
+    return {"candidate_ess": effective_sample_size(weights), "top_candidate_prob": weights.max(1).values / weights.sum(1),
+            "candidate_spread": distances / math.sqrt(dim), "all_zero": all_zero}
 
 
 
@@ -600,6 +617,9 @@ def check_args(args: Args):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
             raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+    if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
+        raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
 
 
 def read_resume_state(resume: str, script: str) -> dict:
@@ -778,10 +798,12 @@ if __name__ == "__main__":
             break
 
         # Collect num_steps decisions per env, executing one critic-weighted candidate per state
+        levers = []
         for step in range(args.num_steps):
             tic = time.perf_counter()
             obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            actions, _ = select_candidates(obs_n, explore, weigh, args)
+            actions, lever = select_candidates(obs_n, explore, weigh, args)
+            levers.append(lever)
             env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
             timings["sampling"] += time.perf_counter() - tic
 
@@ -825,6 +847,11 @@ if __name__ == "__main__":
             check_finite(loss, "actor loss", global_step)
             writer.add_scalar("losses/actor", loss.item(), global_step)
             timings["actor"] += time.perf_counter() - tic
+        # the lever of the guidance on what is executed: how much it discriminates among a state's S candidates
+        for key in ("candidate_ess", "top_candidate_prob", "candidate_spread"):
+            writer.add_scalar(f"guidance/{key}", torch.cat([lever[key] for lever in levers]).mean().item(), global_step)
+        writer.add_scalar("guidance/frac_states_all_zero", torch.cat([lever["all_zero"] for lever in levers]).float()
+                          .mean().item(), global_step)
 
         timings["wall"] = time.time() - start_time
         writer.add_scalar("losses/q", critic_stats["q_loss"].item(), global_step)

@@ -637,15 +637,16 @@ def js_divergence(p, q):
     return (kl(p, m) + kl(q, m)) / 2
 
 
-def keypoint_mass(args: Args) -> float:
-    """Mass K / (K + N) of the keypoint block of the masked plan (0 without keypoints).
+def keypoint_mass(num_keypoints: int, args: Args) -> float:
+    """Mass K / (K + N) of the keypoint block of the masked plan, K the keypoints drawn (fewer than --num-keypoints
+    when the dataset has fewer chunks), N = --ot-batch-size (0 without keypoints: unsupervised OT).
 
     The mask of Eq. 12 keeps, in the keypoint rows and columns, only the diagonal. Eq. 14 over K keypoints and N replay
     samples then separates: each keypoint pair (s_k, a_k) is a one-variable problem whose optimum is H = K + N, i.e.
     plan mass 1 / (K + N) on its own action whatever the cost; and the replay block is Eq. 5 between the N replay
     states and actions at epsilon (K + N) / N, carrying the remaining mass N / (K + N). So the replay block is fitted
     alone and the keypoint block is added in closed form (tests/test_ot.py checks both against POT)."""
-    return args.num_keypoints / (args.num_keypoints + args.ot_batch_size) if args.ot_mode == "masked" else 0.0
+    return num_keypoints / (num_keypoints + args.ot_batch_size) if args.ot_mode == "masked" else 0.0
 
 
 def in_blocks(fn, *inputs, pairs_per_block: int = 4096):
@@ -677,7 +678,8 @@ class TransportCost(nn.Module):
         self.register_buffer("g_scale", torch.ones(()))
         self.alpha = args.ot_alpha if args.ot_mode == "masked" else 0.0
         self.tau = args.keypoint_tau
-        self.epsilon = args.ot_epsilon / (1 - keypoint_mass(args))
+        self.keypoint_mass = keypoint_mass(len(keypoint_actions), args)
+        self.epsilon = args.ot_epsilon / (1 - self.keypoint_mass)
         self.fitted = False
 
     def get_extra_state(self):
@@ -763,7 +765,7 @@ def select_candidates(obs, sample, weigh, args: Args, generator=None, critic_obs
     """Draws S chunks per state with `sample` (states -> chunks: the exploring or the deterministic sampler) and keeps
     one per state, drawn with probability proportional to weigh(s, a). `obs` are the policy's features of the states,
     `critic_obs` the guidance's (--critic-encoder own; default: obs).
-    Returns the kept chunks (n, action_dim) and a mask of the states whose S weights were all zero."""
+    Returns the kept chunks (n, action_dim) and the selection's lever per state (selection_lever)."""
     n, num_candidates = len(obs), args.num_candidates
     critic_obs = obs if critic_obs is None else critic_obs
     candidates = sample(obs.repeat_interleave(num_candidates, 0)).view(n, num_candidates, -1)
@@ -771,7 +773,24 @@ def select_candidates(obs, sample, weigh, args: Args, generator=None, critic_obs
     all_zero = weights.sum(1) == 0
     weights[all_zero] = 1.0  # a state given no mass: fall back to the policy's own distribution
     choice = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    return candidates[torch.arange(n, device=obs.device), choice], all_zero
+    return candidates[torch.arange(n, device=obs.device), choice], selection_lever(weights, candidates, all_zero)
+
+
+def effective_sample_size(weights):
+    """(sum w)^2 / sum w^2 along the last dimension: n for n equal weights, 1 when one weight takes all."""
+    return weights.sum(-1) ** 2 / (weights**2).sum(-1).clamp(min=1e-30)
+
+
+def selection_lever(weights, candidates, all_zero) -> dict:
+    """How much the weights (n, S) decide which of each state's S candidates (n, S, d) is executed, per state:
+    candidate_ess: effective number of candidates (S: the choice is uniform; 1: one candidate takes all);
+    top_candidate_prob: the largest selection probability; candidate_spread: the mean distance between two
+    candidates, as a root mean square over the d normalised action dimensions (flat weights over alike candidates
+    and flat weights over distinct ones are told apart by it); all_zero: every weight was 0 (the choice was uniform)."""
+    num_candidates, dim = candidates.shape[1:]
+    distances = torch.cdist(candidates, candidates).sum((1, 2)) / max(1, num_candidates * (num_candidates - 1))
+    return {"candidate_ess": effective_sample_size(weights), "top_candidate_prob": weights.max(1).values / weights.sum(1),
+            "candidate_spread": distances / math.sqrt(dim), "all_zero": all_zero}
 
 
 def actor_minibatches(sample_exploring, encode, replay, weigh, args: Args, num_updates: int):
@@ -815,18 +834,23 @@ def actor_loss(policy, obs, actions, weights, transport_cost: TransportCost, arg
     In masked mode the plan's keypoint block adds DSM on the keypoint pairs with its mass K / (K + N) (keypoint_mass),
     so every keypoint state is matched to its own action; both blocks go through the network as one batch.
     `obs` holds images and states, encoded here with random shifts: the loss trains the encoder too."""
-    with_keypoints = args.guidance == "ot" and args.actor_objective != "buffer" and keypoint_mass(args) > 0
+    with_keypoints = args.guidance == "ot" and args.actor_objective != "buffer" and args.ot_mode == "masked"
     if with_keypoints:
         obs = {key: torch.cat([value, getattr(transport_cost, f"keypoint_{key}")]) for key, value in obs.items()}
         actions = torch.cat([actions, transport_cost.keypoint_actions])
     per_pair = policy.loss(actions, policy.encoder(obs["pixels"], obs["state"], augment=True))
     num_keypoints = len(transport_cost.keypoint_obs) if with_keypoints else 0
     replay_part, keypoint_part = per_pair.split([len(per_pair) - num_keypoints, num_keypoints])
+    # the guidance's lever on what is learned: the effective share of the batch its weights use (1: unweighted)
+    batch_ess = torch.ones((), device=per_pair.device)
     if weights is not None:
         replay_part = replay_part * weights / weights.mean().clamp(min=1e-8)
+        batch_ess = effective_sample_size(weights) / len(weights)
     if not with_keypoints:
-        return replay_part.mean()
-    return (1 - keypoint_mass(args)) * replay_part.mean() + keypoint_mass(args) * keypoint_part.mean()
+        return replay_part.mean(), {"batch_ess": batch_ess, "keypoint_loss_share": torch.zeros_like(batch_ess)}
+    keypoint_term = transport_cost.keypoint_mass * keypoint_part.mean()
+    loss = (1 - transport_cost.keypoint_mass) * replay_part.mean() + keypoint_term
+    return loss, {"batch_ess": batch_ess, "keypoint_loss_share": (keypoint_term / loss).detach()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1025,6 +1049,12 @@ def check_args(args: Args):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
             raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+    if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
+        raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
+    if args.ot_mode == "unsupervised" and args.ot_alpha != Args.ot_alpha:
+        raise ValueError(f"--ot-alpha {args.ot_alpha} weighs the keypoint guidance of --ot-mode masked; the cost of "
+                         "--ot-mode unsupervised is -Q alone: drop --ot-alpha, or use --ot-mode masked")
 
 
 def read_resume_state(resume: str, script: str) -> dict:
@@ -1197,11 +1227,11 @@ if __name__ == "__main__":
                                num_steps=args.ot_check_every), graphs)
 
     def actor_step(obs_batch, actions_batch, weights):
-        loss = actor_loss(policy, obs_batch, actions_batch, weights, transport_cost, args)
+        loss, lever = actor_loss(policy, obs_batch, actions_batch, weights, transport_cost, args)
         actor_optimizer.zero_grad()
         loss.backward()
         actor_optimizer.step()
-        return loss.detach()
+        return {"loss": loss.detach(), **lever}
 
     actor_update = CudaGraph(actor_step, graphs)
 
@@ -1246,13 +1276,13 @@ if __name__ == "__main__":
             break
 
         # Collect num_steps decisions per env, executing one guided candidate per state (Sec. 4.4)
-        zero_h_states = []
+        levers = []
         for step in range(args.num_steps):
             tic = time.perf_counter()
             pixels, state = observation_tensors(obs, obs_normalizer, device)
             obs_n, critic_obs = encode(pixels, state)
-            actions, all_zero = select_candidates(obs_n, explore, weigh, args, critic_obs=critic_obs)
-            zero_h_states.append(all_zero.float().mean())
+            actions, lever = select_candidates(obs_n, explore, weigh, args, critic_obs=critic_obs)
+            levers.append(lever)
             env_actions = action_normalizer.unnormalize(actions).cpu().numpy()
             timings["sampling"] += time.perf_counter() - tic
 
@@ -1304,15 +1334,26 @@ if __name__ == "__main__":
                 timings["ot"] += time.perf_counter() - tic
                 for key, value in ot_stats.items():
                     writer.add_scalar(f"ot/{key}", value, global_step)
-                writer.add_scalar("ot/frac_states_all_zero_h", torch.stack(zero_h_states).mean().item(), global_step)
 
             tic = time.perf_counter()
+            actor_levers = []
             for obs_batch, actions_batch, weights in actor_minibatches(sample_exploring, encode, replay, weigh, args,
                                                                        updates_per_iteration):
-                loss = actor_update(obs_batch, actions_batch, weights)
-            check_finite(loss, "actor loss", global_step)
-            writer.add_scalar("losses/actor", loss.item(), global_step)
+                actor_stats = actor_update(obs_batch, actions_batch, weights)
+                # stacked, hence copied: a CUDA graph's outputs are overwritten by its next replay
+                actor_levers.append(torch.stack([actor_stats["batch_ess"], actor_stats["keypoint_loss_share"]]))
+            check_finite(actor_stats["loss"], "actor loss", global_step)
+            writer.add_scalar("losses/actor", actor_stats["loss"].item(), global_step)
+            # the lever of the guidance on what is learned: how unequal the pairs' weights are, and the keypoints' part
+            batch_ess, keypoint_loss_share = torch.stack(actor_levers).mean(0).tolist()
+            writer.add_scalar("guidance/batch_ess", batch_ess, global_step)
+            writer.add_scalar("guidance/keypoint_loss_share", keypoint_loss_share, global_step)
             timings["actor"] += time.perf_counter() - tic
+        # the lever of the guidance on what is executed: how much it discriminates among a state's S candidates
+        for key in ("candidate_ess", "top_candidate_prob", "candidate_spread"):
+            writer.add_scalar(f"guidance/{key}", torch.cat([lever[key] for lever in levers]).mean().item(), global_step)
+        writer.add_scalar("guidance/frac_states_all_zero", torch.cat([lever["all_zero"] for lever in levers]).float()
+                          .mean().item(), global_step)
 
         timings["wall"] = time.time() - start_time
         writer.add_scalar("losses/q", critic_stats["q_loss"].item(), global_step)

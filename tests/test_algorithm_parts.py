@@ -136,14 +136,33 @@ def test_candidates_are_drawn_in_proportion_to_their_weights(module):
     obs = torch.zeros(4000, 1)
     obs[:1000] = 1.0  # states with a zero weight for every candidate
     weigh = lambda o, a: torch.where(o[..., 0] > 0, 0.0, torch.tensor([0.0, 0.0, 1.0, 3.0]).expand(len(o), 4))
-    chosen, all_zero = module.select_candidates(obs, FixedCandidates().sample, weigh, args,
-                                                generator=torch.Generator().manual_seed(0))
+    chosen, lever = module.select_candidates(obs, FixedCandidates().sample, weigh, args,
+                                             generator=torch.Generator().manual_seed(0))
     assert chosen.shape == (4000, 1)
-    assert all_zero[:1000].all() and not all_zero[1000:].any()
+    assert lever["all_zero"][:1000].all() and not lever["all_zero"][1000:].any()
+    # the lever of the weights 0, 0, 1, 3: an effective 1.6 candidates, the top one drawn 3/4 of the time; uniform: 4
+    torch.testing.assert_close(lever["candidate_ess"][1000:], torch.full((3000,), 1.6))
+    torch.testing.assert_close(lever["top_candidate_prob"][1000:], torch.full((3000,), 0.75))
+    torch.testing.assert_close(lever["candidate_ess"][:1000], torch.full((1000,), 4.0))
+    torch.testing.assert_close(lever["top_candidate_prob"][:1000], torch.full((1000,), 0.25))
+    # mean distance over the 12 ordered pairs of -0.9, -0.3, 0.3, 0.9: (3 x 0.6 + 2 x 1.2 + 1.8) x 2 / 12 = 1.0
+    torch.testing.assert_close(lever["candidate_spread"], torch.full((4000,), 1.0))
     weighted = chosen[1000:, 0]
     assert (weighted > 0).all() and (weighted > 0.5).float().mean() == pytest.approx(0.75, abs=0.03)
     uniform = chosen[:1000, 0]  # no mass anywhere: the policy's own distribution
     assert (uniform < 0).float().mean() == pytest.approx(0.5, abs=0.06)
+
+
+@BOTH
+def test_effective_sample_size_and_candidate_spread_of_known_vectors(module):
+    ess = module.effective_sample_size
+    torch.testing.assert_close(ess(torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 5], [1, 1, 0, 0], [1, 3, 0, 0]])),
+                               torch.tensor([4.0, 1.0, 2.0, 1.6]))
+    assert ess(torch.zeros(3)) == 0
+    # spread is a root mean square over the chunk's dimensions: two candidates (0, 0) and (1, 1) are 1 apart per dim
+    candidates = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    lever = module.selection_lever(torch.ones(2, 2), candidates, torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(lever["candidate_spread"], torch.tensor([1.0, 0.0]))
 
 
 class EpisodesOfKnownLength:
@@ -200,7 +219,7 @@ def train_actor(policy, replay, weigh, transport_cost, args, optimizer, num_upda
     """The actor phase of one iteration, as otpr.py runs it."""
     sample_exploring = partial(policy.sample, min_std=args.min_sampling_std, noise_clip=args.noise_clip)
     for obs, actions, weights in otpr.actor_minibatches(sample_exploring, replay, weigh, args, num_updates):
-        loss = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
+        loss, _ = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -271,24 +290,34 @@ def per_pair_stub():
 def test_actor_loss_weighs_pairs_by_guidance_normalised_to_mean_one():
     obs, actions = torch.zeros(4, 1), torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # per-pair losses 1, 4, 9, 16
     args = otpr.Args(actor_objective="aligned", ot_mode="unsupervised")
-    loss = lambda weights: otpr.actor_loss(per_pair_stub(), obs, actions, weights, None, args)
+    loss = lambda weights: otpr.actor_loss(per_pair_stub(), obs, actions, weights, None, args)[0]
     torch.testing.assert_close(loss(None), torch.tensor(7.5))
     torch.testing.assert_close(loss(torch.tensor([0.0, 0.0, 0.0, 1.0])), torch.tensor(16.0))  # weight 4 after normalising
     torch.testing.assert_close(loss(torch.tensor([1.0, 0.0, 1.0, 0.0])), loss(torch.tensor([5.0, 0.0, 5.0, 0.0])))
     torch.testing.assert_close(loss(torch.tensor([1.0, 0.0, 1.0, 0.0])), torch.tensor(5.0))
+    lever = otpr.actor_loss(per_pair_stub(), obs, actions, torch.tensor([1.0, 0.0, 1.0, 0.0]), None, args)[1]
+    assert lever["keypoint_loss_share"] == 0 and lever["batch_ess"] == 0.5  # no keypoint block; 2 of 4 pairs count
+    assert otpr.actor_loss(per_pair_stub(), obs, actions, None, None, args)[1]["batch_ess"] == 1
 
 
 def test_masked_mode_adds_the_keypoint_block_with_its_plan_mass():
-    """(1 - m) x the weighted replay part + m x the keypoint part, m = K / (K + N); none in the `buffer` objective."""
-    args = otpr.Args(actor_objective="aligned", num_keypoints=2, ot_batch_size=6)
-    keypoints = SimpleNamespace(keypoint_obs=torch.zeros(2, 1), keypoint_actions=torch.tensor([[5.0], [7.0]]))
+    """(1 - m) x the weighted replay part + m x the keypoint part, m = K / (K + N) with K the keypoints drawn (here 2,
+    fewer than --num-keypoints, as from a dataset of 2 chunks); none in the `buffer` objective. The keypoint share
+    logged is the keypoint term's part of the loss."""
+    args = otpr.Args(actor_objective="aligned", num_keypoints=128, ot_batch_size=6)
+    keypoints = otpr.TransportCost(torch.zeros(2, 1), torch.tensor([[5.0], [7.0]]), args)
+    assert keypoints.keypoint_mass == 0.25 and otpr.keypoint_mass(2, args) == 0.25
+    assert keypoints.epsilon == pytest.approx(args.ot_epsilon / 0.75)
     obs, actions, weights = torch.zeros(3, 1), torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0.0, 1.0, 2.0])
-    masked = otpr.actor_loss(per_pair_stub(), obs, actions, weights, keypoints, args)
-    assert otpr.keypoint_mass(args) == 0.25
+    masked, lever = otpr.actor_loss(per_pair_stub(), obs, actions, weights, keypoints, args)
     replay_part = (torch.tensor([1.0, 4.0, 9.0]) * weights).mean()  # weights have mean 1
     torch.testing.assert_close(masked, 0.75 * replay_part + 0.25 * torch.tensor(37.0))
-    unweighted = otpr.actor_loss(per_pair_stub(), obs, actions, None, keypoints, dataclasses.replace(args, actor_objective="buffer"))
+    torch.testing.assert_close(lever["keypoint_loss_share"], 0.25 * torch.tensor(37.0) / masked)
+    torch.testing.assert_close(lever["batch_ess"], torch.tensor(9 / 15))  # (0 + 1 + 2)^2 / (3 x (0 + 1 + 4))
+    unweighted, lever = otpr.actor_loss(per_pair_stub(), obs, actions, None, keypoints,
+                                        dataclasses.replace(args, actor_objective="buffer"))
     torch.testing.assert_close(unweighted, torch.tensor(14 / 3))
+    assert lever["keypoint_loss_share"] == 0
 
 
 def test_score_matching_loss_is_one_value_per_pair_independent_of_the_batch(bimodal_policy):

@@ -81,7 +81,7 @@ def test_graphed_otpr_actor_updates_equal_plain_ones():
         args, policy, optimizer = actor_setup(otpr)
 
         def actor_step(obs, actions, weights):
-            loss = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
+            loss, _ = otpr.actor_loss(policy, obs, actions, weights, transport_cost, args)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -189,9 +189,9 @@ def test_candidates_are_drawn_by_softmax_of_the_min_target_q():
     """Qbar = min(2a, 3a) + 40 (the offset tests the overflow guard): probabilities softmax(2a or 3a) over the four."""
     qf_target = linear_twin_q(1, [([0.0, 2.0], 40.0), ([0.0, 3.0], 40.0)])
     weigh = lambda obs, actions: dql.softmax_q_weights(obs, actions, qf_target)
-    chosen, all_zero = dql.select_candidates(torch.zeros(20000, 1), FixedCandidates().sample, weigh,
+    chosen, lever = dql.select_candidates(torch.zeros(20000, 1), FixedCandidates().sample, weigh,
                                              dql.Args(num_candidates=4), generator=torch.Generator().manual_seed(0))
-    assert not all_zero.any()
+    assert not lever["all_zero"].any()
     expected = torch.softmax(torch.tensor([-2.7, -0.9, 0.6, 1.8]), 0)
     frequencies = torch.stack([(chosen[:, 0] == v).float().mean() for v in FixedCandidates.values])
     torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)

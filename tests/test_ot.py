@@ -10,6 +10,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+import torch.nn.functional as F
 
 import otpr
 
@@ -159,19 +160,19 @@ def test_masked_problem_separates_into_the_replay_block_and_closed_form_keypoint
     full, _, _ = pot_solution(cost + 100.0 * (1 - mask), epsilon)  # masked pairs priced out
 
     args = otpr.Args(num_keypoints=num_keys, ot_batch_size=n, ot_epsilon=epsilon)
-    assert otpr.keypoint_mass(args) == pytest.approx(num_keys / size)
-    replay_epsilon = otpr.TransportCost(torch.zeros(1, 2), torch.zeros(1, 2), args).epsilon
+    assert otpr.keypoint_mass(num_keys, args) == pytest.approx(num_keys / size)
+    replay_epsilon = otpr.TransportCost(torch.zeros(num_keys, 2), torch.zeros(num_keys, 2), args).epsilon
     assert replay_epsilon == pytest.approx(epsilon * size / n)
     replay_block, _, _ = pot_solution(cost[num_keys:, num_keys:], replay_epsilon)
     separated = np.zeros((size, size))
-    separated[num_keys:, num_keys:] = (1 - otpr.keypoint_mass(args)) * replay_block
-    separated[range(num_keys), range(num_keys)] = otpr.keypoint_mass(args) / num_keys
+    separated[num_keys:, num_keys:] = (1 - otpr.keypoint_mass(num_keys, args)) * replay_block
+    separated[range(num_keys), range(num_keys)] = otpr.keypoint_mass(num_keys, args) / num_keys
     np.testing.assert_allclose(separated, full, atol=1e-6)
 
     # and the neural fit of the replay block alone reproduces POT's replay block
     h, _ = fit_tabular_potentials(cost[num_keys:, num_keys:], replay_epsilon)
     assert 0.5 * np.abs(h.numpy() / n**2 - replay_block).sum() < PLAN_TV_TOLERANCE
-    assert otpr.keypoint_mass(otpr.Args(ot_mode="unsupervised")) == 0.0
+    assert otpr.keypoint_mass(128, otpr.Args(ot_mode="unsupervised")) == 0.0
 
 
 def test_relation_vectors_and_js():
@@ -183,3 +184,74 @@ def test_relation_vectors_and_js():
     assert otpr.js_divergence(r, r).abs().max() < 1e-6
     one_hot = torch.eye(5)
     assert otpr.js_divergence(one_hot[0], one_hot[1]).item() == pytest.approx(np.log(2), abs=1e-6)
+
+
+class TableQ:
+    """Q(s, a) = s^T Q a on one-hot states and actions: a critic whose value of every pair is known."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def min(self, obs, actions):
+        return ((obs @ self.table) * actions).sum(-1)
+
+
+class FixedDraws:
+    """A replay buffer whose draws are fixed: states on the first call, actions on the second (fit_transport's order)."""
+
+    def __init__(self, states, actions):
+        self.draws = [{"obs": states}, {"actions": actions}]
+
+    def sample(self, batch_size, keys):
+        draw = self.draws.pop(0)
+        assert len(next(iter(draw.values()))) == batch_size and set(draw) == set(keys)
+        return draw
+
+
+@pytest.mark.parametrize("ot_mode", ["masked", "unsupervised"])
+def test_the_fit_and_every_use_of_h_solve_the_one_problem_pot_solves(ot_mode):
+    """fit_transport on a critic with a known table, then H where the guidance uses it, against POT's plan for the cost
+    built here from the paper's formulas: (1 - alpha) (-Q) / std + alpha JS / std (Eq. 8, 13-14) at the replay block's
+    epsilon (K + N) / N x eps. Any one-line disagreement between the fit and its uses (a transposed pair matrix, the
+    cost or epsilon of one and not the other, the spreads reset at use, the `fitted` flag never set) fails here; the
+    states and actions are as many (n = m), so a transposition does not fail on shapes."""
+    n, num_keys, epsilon = 10, 6, 0.05
+    generator = torch.Generator().manual_seed(3)
+    table = torch.randn(n, n, generator=generator) * 3  # not symmetric: the orientation matters
+    states, actions = torch.eye(n), torch.eye(n)
+    keypoint_obs, keypoint_actions = torch.rand(num_keys, n, generator=generator), torch.rand(num_keys, n, generator=generator)
+    args = otpr.Args(ot_mode=ot_mode, ot_epsilon=epsilon, ot_batch_size=n, num_keypoints=num_keys, ot_alpha=0.5,
+                     ot_max_steps=6000, ot_tolerance=0.005, ot_check_every=25)
+    transport_cost = otpr.TransportCost(keypoint_obs, keypoint_actions, args)
+    qf, vf = TableQ(table), lambda obs: torch.zeros(*obs.shape[:-1], 1)
+    torch.manual_seed(0)
+    u_net, v_net = otpr.mlp(n, (64, 64), 1, torch.nn.SiLU), otpr.mlp(n, (64, 64), 1, torch.nn.SiLU)
+    optimizer = torch.optim.Adam([*u_net.parameters(), *v_net.parameters()], lr=1e-3)
+    ascend = partial(otpr.dual_ascent, u_net, v_net, optimizer, epsilon=transport_cost.epsilon, num_steps=25)
+    weigh = partial(otpr.guidance_weights, qf_target=qf, vf=vf, u_net=u_net, v_net=v_net,
+                    transport_cost=transport_cost, args=args)
+    all_pairs = states[:, None].expand(-1, n, -1), actions[None].expand(n, -1, -1)
+    before_fit = weigh(*all_pairs)  # before the first fit: IDQL's weights on the sign of Q - V
+    torch.testing.assert_close(before_fit, torch.where(table > 0, 0.7, 0.3))
+
+    otpr.fit_transport(ascend, u_net, v_net, qf, transport_cost, FixedDraws(states, actions), args)
+
+    negative_q = -table
+    if ot_mode == "masked":
+        relation = lambda x, keys: torch.softmax(-(1 - F.normalize(x, dim=-1) @ F.normalize(keys, dim=-1).T) / 0.1, -1)
+        guide = otpr.js_divergence(relation(states, keypoint_obs)[:, None], relation(actions, keypoint_actions)[None])
+        cost, replay_epsilon = 0.5 * negative_q / negative_q.std() + 0.5 * guide / guide.std(), epsilon * (num_keys + n) / n
+    else:
+        cost, replay_epsilon = negative_q / negative_q.std(), epsilon
+    plan, _, _ = pot_solution(cost, replay_epsilon)
+    fitted_h = otpr.compatibility(u_net(states), v_net(actions).T, transport_cost(qf, states, actions, all_pairs=True),
+                                  transport_cost.epsilon).detach()
+    assert 0.5 * np.abs(fitted_h.numpy() / n**2 - plan).sum() < PLAN_TV_TOLERANCE
+    # H where candidates are selected and pairs weighted: the same values, on any subset of pairs (3 states' here)
+    torch.testing.assert_close(weigh(states[:3, None].expand(-1, n, -1), actions[None].expand(3, -1, -1)), fitted_h[:3])
+    # the plan moves mass: it is not the independent coupling, so H is not flat
+    assert 0.5 * np.abs(plan - 1 / n**2).sum() > 0.3
+    # a resumed run restores the fit: the flag and the spreads travel in the state dict
+    restored = otpr.TransportCost(keypoint_obs, keypoint_actions, args)
+    restored.load_state_dict(transport_cost.state_dict())
+    assert restored.fitted and restored.q_scale == transport_cost.q_scale and restored.g_scale == transport_cost.g_scale

@@ -252,14 +252,14 @@ def test_actor_loss_trains_the_encoder_and_matches_the_keypoints_own_actions():
     obs = {"pixels": torch.randint(256, (6, 1, 3, 64, 64), dtype=torch.uint8), "state": torch.randn(6, 2)}
     seen = []
     policy.loss = lambda actions, features: seen.append((actions, features)) or features.sum(-1) * 0 + actions.sum(-1)
-    loss = op.actor_loss(policy, obs, torch.randn(6, 8), torch.ones(6), transport_cost, config)
+    loss, _ = op.actor_loss(policy, obs, torch.randn(6, 8), torch.ones(6), transport_cost, config)
     actions, features = seen[0]
     assert features.shape == (8, policy.encoder.feature_dim)  # 6 replay pairs, then the 2 keypoints
     torch.testing.assert_close(features[6:, -2:], keypoints[1])
     torch.testing.assert_close(actions[6:], keypoints[2])
     del policy.loss
     policy.zero_grad()
-    op.actor_loss(policy, obs, torch.randn(6, 8), torch.ones(6), transport_cost, config).backward()
+    op.actor_loss(policy, obs, torch.randn(6, 8), torch.ones(6), transport_cost, config)[0].backward()
     assert policy.encoder.trunk.conv1.weight.grad.abs().sum() > 0
     assert loss.shape == ()
 

@@ -146,9 +146,9 @@ def test_select_protocol_draws_by_a_softmax_of_q_within_each_state():
         head[0].bias.data.zero_()
     obs = torch.cat([torch.zeros(3000, 1), torch.ones(3000, 1)])
     weigh = partial(qsm.softmax_q_weights, qf_target=qf_target)
-    chosen, all_zero = qsm.select_candidates(obs, FixedCandidates().sample, weigh, args,
+    chosen, lever = qsm.select_candidates(obs, FixedCandidates().sample, weigh, args,
                                              generator=torch.Generator().manual_seed(0))
-    assert not all_zero.any()
+    assert not lever["all_zero"].any()
     expected = torch.softmax(2 * FixedCandidates.values, 0)
     for half in (chosen[:3000, 0], chosen[3000:, 0]):
         frequencies = torch.stack([(half == value).float().mean() for value in FixedCandidates.values])

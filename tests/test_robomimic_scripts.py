@@ -22,7 +22,8 @@ FLAGS = {
     "idql_baseline.py": OFF_POLICY,
     "dql_baseline.py": OFF_POLICY,
     "qsm_baseline.py": OFF_POLICY,
-    "dppo_baseline.py": ["--num-steps", "5", "--total-timesteps", "40", "--ft-denoising-steps", "2"],
+    "dppo_baseline.py": ["--num-steps", "5", "--total-timesteps", "40", "--ft-denoising-steps", "2",
+                         "--critic-hidden", "32", "32", "32"],  # DPPO's value network is residual: one width, odd count
 }
 RUNS = [(script, CAN) for script in FLAGS] + [("otpr.py", SQUARE), ("idql_baseline.py", SQUARE)]
 ENV_STEPS = 40  # 2 iterations of 1 env x 5 decisions x 4 actions

@@ -56,12 +56,22 @@ def test_summary_tensorboard_and_checkpoints(workdir, exp_name):
     for tag in ("charts/SPS", "losses/q", "losses/v", "losses/actor", "time/env", "time/critic"):
         assert tag in logged
     if exp_name == "otpr":
-        for tag in ("ot/dual", "ot/residual_s", "ot/residual_a", "ot/steps", "ot/frac_states_all_zero_h"):
+        for tag in ("ot/dual", "ot/residual_s", "ot/residual_a", "ot/steps", "guidance/batch_ess",
+                    "guidance/keypoint_loss_share"):
             assert len(logged[tag]) == ITERATIONS - 1  # fitted every iteration after the critic warm-up
-        for tag in ("ot/heldout_residual_s", "ot/heldout_residual_a", "ot/frac_zero_h", "ot/q_scale", "ot/g_scale"):
+        for tag in ("ot/heldout_residual_s", "ot/heldout_residual_a", "ot/frac_zero_h", "ot/q_scale", "ot/g_scale",
+                    "ot/cost_state_share", "ot/cost_action_share", "ot/candidate_cost_spread",
+                    "ot/candidate_q_spread"):
             assert len(logged[tag]) == 1  # held-out checks on evaluation iterations (here iteration 2)
     else:
         assert not any(tag.startswith("ot/") for tag in logged)
+    # the lever of the guidance on what is executed, every iteration, in both scripts: 2 candidates per state
+    for tag in ("guidance/candidate_ess", "guidance/top_candidate_prob", "guidance/candidate_spread",
+                "guidance/frac_states_all_zero"):
+        assert len(logged[tag]) == ITERATIONS
+    assert all(1 <= value <= 2 for value in logged["guidance/candidate_ess"])
+    assert all(0.5 <= value <= 1 for value in logged["guidance/top_candidate_prob"])
+    assert all(value > 0 for value in logged["guidance/candidate_spread"])
 
     checkpoint = torch.load(path / "checkpoint.pt", weights_only=False)
     assert checkpoint["iteration"] == ITERATIONS and checkpoint["global_step"] == ENV_STEPS
@@ -197,8 +207,11 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
 
 
-def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
-    """Bring-your-own task: Pendulum-v1 with a small HDF5 file in D4RL's layout."""
+@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
+def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path, script):
+    """Bring-your-own task: Pendulum-v1 with a small HDF5 file in D4RL's layout. Its episodes end only by time-out
+    (200 steps), which this run reaches in both envs: a time-out must not enter the replay buffer as a terminal state,
+    and its stored next state is the episode's last observation, not the next episode's first."""
     import gymnasium as gym
     import h5py
     import numpy as np
@@ -216,13 +229,27 @@ def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path):
     with h5py.File(tmp_path / "pendulum.hdf5", "w") as f:
         for key, values in rows.items():
             f[key] = np.asarray(values)
-    args = TINY[2:] + OTPR_TINY + ["--env-id", "Pendulum-v1", "--dataset-path", str(tmp_path / "pendulum.hdf5")]
-    finish(start("otpr.py", args, tmp_path))
-    (path,) = (tmp_path / "runs").glob("Pendulum-v1__otpr__3__*")
+    decisions = 20  # per env and iteration: 3 iterations x 20 decisions x 4 actions = 240 env steps per env > 200
+    args = TINY[2:] + (OTPR_TINY if script == "otpr.py" else [])
+    args[args.index("--num-steps") + 1] = str(decisions)
+    args[args.index("--total-timesteps") + 1] = str(3 * 2 * decisions * 4)
+    args += ["--env-id", "Pendulum-v1", "--dataset-path", str(tmp_path / "pendulum.hdf5")]
+    finish(start(script, args, tmp_path))
+    (path,) = (tmp_path / "runs").glob(f"Pendulum-v1__{script[:-3]}__3__*")
     summary = json.loads((path / "summary.json").read_text())
-    assert summary["env_steps"] == ENV_STEPS
+    assert summary["env_steps"] == 3 * 2 * decisions * 4
     # no reference scores for a custom task: the "normalized score" is the episode return, negative on Pendulum
     assert summary["final"]["normalized_score"] == pytest.approx(summary["final"]["episodic_return"])
     assert summary["final"]["episodic_return"] < 0
     (checkpoint,) = (tmp_path / "pretrained").glob("Pendulum-v1__custom__seed3__*.pt")
     assert torch.load(checkpoint, weights_only=False)["meta"]["obs_dim"] == 3
+
+    assert len(scalars(path)["charts/train_episodic_return"]) == 2  # one time-out in each env
+    replay = torch.load(path / "checkpoint.pt", weights_only=False)["replay"]
+    online = {key: value[replay["size"] - 3 * 2 * decisions:] for key, value in replay["data"].items()}
+    assert online["terminated"].sum() == 0  # time-outs are not terminal: the critic bootstraps through them
+    timeout_decision = 200 // 4 - 1  # the 50th decision of each env ends its episode
+    for env_index in range(2):  # rows alternate between the two envs
+        obs, next_obs = online["obs"][env_index::2], online["next_obs"][env_index::2]
+        follows = (next_obs[:-1] == obs[1:]).all(-1)
+        assert follows.sum() == len(follows) - 1 and not follows[timeout_decision]
