@@ -105,7 +105,7 @@ class Args:
     tau: float = 0.005
     """Polyak rate of the target Q networks"""
     eta: float = 0.005
-    """weight of the normalised Q term in the actor loss (DQL's kitchen value; DPPO uses 1.0 on Robomimic)"""
+    """weight of the normalised Q term in the actor loss (DQL's kitchen value; Robomimic ids: DPPO's 1.0)"""
     policy_ema_decay: float = 0.995
     """decay of the EMA copy of the policy that samples the critic's target actions, averaged after every actor step"""
     critic_warmup_iterations: int = 2
@@ -137,11 +137,14 @@ FRACTIONS = ("ema_decay", "gamma", "tau", "policy_ema_decay")
 # the command line still win. Can pre-trains for 5,000 steps: on the clean scripted demonstrations the full recipe
 # leaves no room to fine-tune (success 0.94-0.96), so, as DPPO starts Can from an early checkpoint, fine-tuning
 # starts from a policy that succeeds about 70% of the time (docs/robomimic.md, section 4).
+# DQL's own weight of the Q term and actor batch are per task too: DPPO's Robomimic DQL configs use eta 1.0 and batch
+# 1000 (the kitchen keeps the DQL authors' kitchen values, eta 0.005 and batch 256).
 TASK_DEFAULTS = {
     "Robomimic-Can-v0": dict(dataset_source="scripted", pretrain_steps=5000, gamma=0.999,
-                             critic_hidden=(256, 256, 256), buffer_size=250_000, num_steps=75),
+                             critic_hidden=(256, 256, 256), buffer_size=250_000, num_steps=75, eta=1.0,
+                             actor_batch_size=1000),
     "Robomimic-Square-v0": dict(dataset_source="scripted", gamma=0.999, critic_hidden=(256, 256, 256),
-                                buffer_size=250_000, num_steps=100),
+                                buffer_size=250_000, num_steps=100, eta=1.0, actor_batch_size=1000),
 }
 
 

@@ -558,6 +558,12 @@ def fit_transport(ascend, u_net, v_net, qf_target, transport_cost: TransportCost
     return stats
 
 
+def correlation(x, y):
+    """Pearson correlation along the last dimension (0 where either is constant)."""
+    x, y = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp(min=1e-12)
+
+
 @torch.no_grad()
 def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, replay, sample_exploring, args: Args) -> dict:
     """The fitted plan on a held-out draw the fit never saw: marginal residuals and the fraction of pairs with H = 0;
@@ -566,7 +572,14 @@ def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, repla
         state alone and by the action alone (u(s) and v(a) absorb these parts; only the rest shapes the plan);
     candidate_cost_spread: the std of the cost among S exploration samples of one state, over 2 epsilon (a cost
         difference of 2 epsilon moves H by 1, its mean over actions), averaged over 64 of the draw's states;
-    candidate_q_spread: the std of Q among those samples over the scale of -Q in the cost (q_scale)."""
+    candidate_q_spread: the std of Q among those samples over the scale of -Q in the cost (q_scale);
+    candidate_h_q_correlation: the correlation of H with Q among them (1: H ranks them as Q does);
+    candidate_v_cost_correlation: the correlation of v(a) with the cost among them. H sees the cost only through
+        u(s) + v(a) - c(s, a), and v absorbs any part of the cost that depends on the action alone (adding g(a) to c
+        adds g to the optimal v and leaves H unchanged), so near 1 means the candidates' cost differences are mostly
+        such a part, which H cannot see;
+    selection_q_gain: how much higher Q is, in stds of Q among them, for the candidate drawn in proportion to H than
+        for one drawn uniformly (0: the guidance does not prefer what the critic prefers)."""
     states = replay.sample(args.ot_batch_size, ("obs",))["obs"]
     actions = replay.sample(args.ot_batch_size, ("actions",))["actions"]
     cost = transport_cost(qf_target, states, actions, all_pairs=True)
@@ -578,10 +591,17 @@ def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, repla
     stats["heldout_residual_s"], stats["heldout_residual_a"] = marginal_residuals(h)
     candidate_states = states[:64, None].expand(-1, args.num_candidates, -1)
     candidates = sample_exploring(candidate_states.reshape(-1, states.shape[-1])).view(*candidate_states.shape[:2], -1)
-    stats["candidate_cost_spread"] = (transport_cost(qf_target, candidate_states, candidates).std(1).mean()
-                                      / (2 * transport_cost.epsilon)).item()
-    stats["candidate_q_spread"] = (qf_target.min(candidate_states, candidates).std(1).mean()
-                                   / transport_cost.q_scale).item()
+    candidate_cost = transport_cost(qf_target, candidate_states, candidates)
+    candidate_h = compatibility(u_net(candidate_states).squeeze(-1), v_net(candidates).squeeze(-1), candidate_cost,
+                                transport_cost.epsilon)
+    q = qf_target.min(candidate_states, candidates)
+    standardised_q = (q - q.mean(1, keepdim=True)) / q.std(1, keepdim=True).clamp(min=1e-8)
+    stats["candidate_cost_spread"] = (candidate_cost.std(1).mean() / (2 * transport_cost.epsilon)).item()
+    stats["candidate_q_spread"] = (q.std(1).mean() / transport_cost.q_scale).item()
+    stats["candidate_h_q_correlation"] = correlation(candidate_h, q).mean().item()
+    stats["candidate_v_cost_correlation"] = correlation(v_net(candidates).squeeze(-1), candidate_cost).mean().item()
+    selection = candidate_h / candidate_h.sum(1, keepdim=True).clamp(min=1e-30)
+    stats["selection_q_gain"] = (selection * standardised_q).sum(1).mean().item()
     return stats
 
 
@@ -639,9 +659,11 @@ def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: 
     resampled: Sec. 4.4, S policy samples per replay state, one drawn in proportion to the guidance, as DSM targets;
     plan: Eq. 10, every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted by the
         guidance (with OT: the plan density H, so this is DSM on the plan's conditional, Theorem 4.3);
-    aligned: the buffer's own (s, a) pairs weighted by the guidance. The critics and potentials stay fixed through the
-        actor updates, and so does every pair's weight: it is computed once per distinct buffer row that the
-        iteration's minibatches draw (with the default budget at most a ninth of the draws);
+    aligned: the buffer's own (s, a) pairs weighted by the guidance: Eq. 10's weighting on the joint samples of the
+        buffer instead of Eq. 10's integral over mu x nu (neither Eq. 10 nor Sec. 4.4; the released code has it
+        commented out). The critics and potentials stay fixed through the actor updates, and so does every pair's
+        weight: it is computed once per distinct buffer row that the iteration's minibatches draw (with the default
+        budget at most a ninth of the draws);
     buffer: the released code's unweighted buffer pairs (OT acts only through what was executed).
     Minibatches are made as the updates ask for them: `resampled` samples the policy of the current update
     (`sample_exploring`: states -> exploration chunks)."""
@@ -666,7 +688,8 @@ def actor_minibatches(sample_exploring, replay, weigh, args: Args, num_updates: 
 
 
 def actor_loss(policy, obs, actions, weights, transport_cost: TransportCost, args: Args):
-    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10).
+    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10's H
+    weighting, on whichever pairs actor_minibatches drew).
     In masked mode the plan's keypoint block adds DSM on the keypoint pairs with its mass K / (K + N) (keypoint_mass),
     so every keypoint state is matched to its own action; both blocks go through the network as one batch."""
     with_keypoints = args.guidance == "ot" and args.actor_objective != "buffer" and args.ot_mode == "masked"

@@ -798,9 +798,11 @@ def actor_minibatches(sample_exploring, encode, replay, weigh, args: Args, num_u
     resampled: Sec. 4.4, S policy samples per replay state, one drawn in proportion to the guidance, as DSM targets;
     plan: Eq. 10, every pair of sqrt(B) replay states and sqrt(B) independently drawn replay actions, weighted by the
         guidance (with OT: the plan density H, so this is DSM on the plan's conditional, Theorem 4.3);
-    aligned: the buffer's own (s, a) pairs weighted by the guidance. The critics and potentials stay fixed through the
-        actor updates, and so does every pair's weight: it is computed once per distinct buffer row that the
-        iteration's minibatches draw (with the default budget at most a ninth of the draws);
+    aligned: the buffer's own (s, a) pairs weighted by the guidance: Eq. 10's weighting on the joint samples of the
+        buffer instead of Eq. 10's integral over mu x nu (neither Eq. 10 nor Sec. 4.4; the released code has it
+        commented out). The critics and potentials stay fixed through the actor updates, and so does every pair's
+        weight: it is computed once per distinct buffer row that the iteration's minibatches draw (with the default
+        budget at most a ninth of the draws);
     buffer: the released code's unweighted buffer pairs (OT acts only through what was executed).
     Minibatches are made as the updates ask for them: `resampled` samples the policy of the current update
     (`sample_exploring`: states -> exploration chunks; `encode`: images and states -> the policy's and the guidance's
@@ -830,7 +832,8 @@ def actor_minibatches(sample_exploring, encode, replay, weigh, args: Args, num_u
 
 
 def actor_loss(policy, obs, actions, weights, transport_cost: TransportCost, args: Args):
-    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10).
+    """Score matching on one minibatch, each pair weighted by its guidance weight normalised to mean 1 (Eq. 10's H
+    weighting, on whichever pairs actor_minibatches drew).
     In masked mode the plan's keypoint block adds DSM on the keypoint pairs with its mass K / (K + N) (keypoint_mass),
     so every keypoint state is matched to its own action; both blocks go through the network as one batch.
     `obs` holds images and states, encoded here with random shifts: the loss trains the encoder too."""

@@ -308,6 +308,8 @@ BAD_INPUT = [
     (["--env-id", "Kitchen-Compleat-v0"], "Unknown env id 'Kitchen-Compleat-v0'"),
     (["--resume", "runs/no_such_run"], "no checkpoint at runs/no_such_run"),
     (["--resume", "idql_run"], "checkpoint of idql_baseline.py"),
+    (["--actor-hidden", "256", "128", "256"], "--actor-hidden 256 128 256: the residual denoising MLP has one width"),
+    (["--critic-hidden", "256", "256"], "--critic-hidden 256 256: the residual value network has one width"),
 ]
 
 

@@ -255,3 +255,31 @@ def test_the_fit_and_every_use_of_h_solve_the_one_problem_pot_solves(ot_mode):
     restored = otpr.TransportCost(keypoint_obs, keypoint_actions, args)
     restored.load_state_dict(transport_cost.state_dict())
     assert restored.fitted and restored.q_scale == transport_cost.q_scale and restored.g_scale == transport_cost.g_scale
+
+
+def test_h_is_blind_to_any_part_of_the_cost_that_depends_on_the_state_or_the_action_alone(cost):
+    """The plan, hence H, is the same for c(s, a) and c(s, a) + f(s) + g(a): u absorbs f and v absorbs g (u - f and
+    v - g are optimal for the shifted cost). So the guidance can only prefer, among one state's candidates, what the
+    critic prefers at that state relative to other states: an action that Q rates higher at every state gains nothing
+    (docs/otpr.md, "How much the guidance acts"). ot_diagnostics' candidate_v_cost_correlation measures this in a run."""
+    epsilon = 0.05
+    generator = torch.Generator().manual_seed(2)
+    f, g = torch.randn(12, 1, generator=generator) * 5, torch.randn(1, 10, generator=generator) * 5
+    plan, alpha, beta = pot_solution(cost, epsilon)
+    shifted_plan, shifted_alpha, shifted_beta = pot_solution(cost + f + g, epsilon)
+    np.testing.assert_allclose(shifted_plan, plan, atol=1e-6)  # entries about 1e-2
+    h = otpr.compatibility(alpha[:, None], beta[None], cost.double(), epsilon)
+    shifted_h = otpr.compatibility(shifted_alpha[:, None], shifted_beta[None], (cost + f + g).double(), epsilon)
+    np.testing.assert_allclose(shifted_h.numpy(), h.numpy(), atol=1e-5)
+    # the potentials carry the shift: v rises with g, one for one (up to a constant traded with u)
+    np.testing.assert_allclose((shifted_beta - beta - g[0].double()).numpy(), (shifted_beta - beta - g[0].double())[0].item(),
+                               atol=1e-5)
+
+
+def test_correlation_of_rows():
+    x = torch.tensor([[1.0, 2, 3, 4], [1, 1, 1, 1], [4, 3, 2, 1]])
+    y = torch.tensor([[2.0, 4, 6, 8], [1, 2, 3, 4], [1, 2, 3, 4]])
+    torch.testing.assert_close(otpr.correlation(x, y), torch.tensor([1.0, 0.0, -1.0]))
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    np.testing.assert_allclose(otpr.correlation(x, y).numpy(), [np.corrcoef(a, b)[0, 1] for a, b in zip(x, y)],
+                               atol=1e-6)

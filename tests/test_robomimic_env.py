@@ -249,13 +249,19 @@ def test_robomimic_ids_bring_the_papers_settings_and_explicit_flags_win(script, 
     assert args.critic_hidden == (256, 256, 256)
     assert args.num_steps == (300 if script == "dppo_baseline" else 75)  # one Can episode (DPPO: its n_steps)
     assert args.pretrain_steps == 5000  # Can starts from an early policy, so that fine-tuning has room
+    if script == "dql_baseline":  # DPPO's Robomimic DQL: eta 1.0, batch 1000
+        assert args.eta == 1.0 and args.actor_batch_size == 1000
     monkeypatch.setattr(sys, "argv", [script, "--env-id", SQUARE, "--gamma", "0.9", "--num-steps", "7"])
     args = module.parse_args()
     assert args.gamma == 0.9 and args.num_steps == 7 and args.dataset_source == "scripted"
     assert args.pretrain_steps == 80000  # Square's demonstrations leave room after the full recipe
+    if script == "dql_baseline":
+        assert args.eta == 1.0 and args.actor_batch_size == 1000
     monkeypatch.setattr(sys, "argv", [script])
     args = module.parse_args()
     assert args.gamma == 0.99 and args.dataset_source == "d4rl"  # the kitchen's defaults are untouched
+    if script == "dql_baseline":  # the DQL authors' kitchen values
+        assert args.eta == 0.005 and args.actor_batch_size == 256
 
 
 @pytest.mark.parametrize("script", ["otpr", "dppo_baseline"])

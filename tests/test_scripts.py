@@ -194,6 +194,8 @@ BAD_INPUT = [
     (["--resume", "runs/no_such_run"], "no checkpoint at runs/no_such_run"),
     (["--resume", "old_run"], "written by an older version"),
     (["--dataset-path", "notes.txt"], "Cannot read notes.txt as HDF5"),
+    (["--actor-hidden", "512", "256", "512"], "--actor-hidden 512 256 512: the residual denoising MLP has one width"),
+    (["--actor-hidden", "512", "512"], "and an odd number of layers"),
 ]
 
 
@@ -205,6 +207,11 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     (tmp_path / "old_run").mkdir()
     torch.save({"script": script, "torch_rng": torch.get_rng_state()}, tmp_path / "old_run" / "checkpoint.pt")
     assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
+
+
+def test_ot_alpha_with_unsupervised_ot_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
+    message = bad_input_error("otpr.py", ["--ot-mode", "unsupervised", "--ot-alpha", "0.3"], tmp_path, monkeypatch, capsys)
+    assert "--ot-alpha 0.3 weighs the keypoint guidance of --ot-mode masked" in message
 
 
 @pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
