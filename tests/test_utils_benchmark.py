@@ -35,6 +35,24 @@ def test_report_has_a_row_and_a_curve_per_run(tmp_path):
     assert "protocol" not in table
 
 
+def test_report_shows_each_runs_guidance_lever_and_ot_diagnostics_as_means(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    write_summary(tmp_path / "run_a")
+    writer = SummaryWriter(str(tmp_path / "run_a"))
+    for step, (ess, gain) in enumerate([(8.0, 0.0), (6.0, 0.5)]):
+        writer.add_scalar("guidance/candidate_ess", ess, step)
+        writer.add_scalar("ot/selection_q_gain", gain, step)
+    writer.close()
+    write_summary(tmp_path / "run_b", exp_name="idql", seed=3)  # no events: no row in either table
+    table = report(tmp_path)
+    guidance = table[table.index("The guidance's lever"):]
+    assert "| otpr | 2 | 7.000 | nan |" in guidance and "| idql |" not in guidance
+    ot_table = table[table.index("OT fit"):]
+    assert ot_table.splitlines()[1].split(" | ")[-1] == "selection_q_gain |"
+    assert ot_table.splitlines()[3].endswith("| 0.250 |")
+
+
 def test_aggregate_row_is_mean_std_and_range_over_three_seeds(tmp_path):
     finals, pretrained, best, success = [10.0, 40.0, 70.0], [0.0, 5.0, 10.0], [20.0, 50.0, 80.0], [0.0, 0.25, 0.5]
     for seed in range(3):
@@ -178,3 +196,60 @@ def test_speed_sizes_its_iterations_as_the_script_parses_its_flags():
     assert script_args(otpr, []).num_steps == otpr.Args().num_steps
     assert script_args(otpr, ["--env-id", "Robomimic-Can-v0"]).num_steps == 75  # the task's defaults
     assert script_args(otpr, ["--env-id", "Robomimic-Can-v0", "--num-steps", "7", "--chunk-size", "2"]).num_steps == 7
+
+
+QUEUED_SCRIPT = """import os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+open({record!r}, "a").write(" ".join(args) + "\\n")
+if "--fail" in args:
+    raise SystemExit(3)
+if "--resume" not in args:
+    folder = Path("runs") / f"{{args[args.index('--env-id') + 1]}}__{{args[args.index('--exp-name') + 1]}}__{{args[args.index('--seed') + 1]}}__{{time.time_ns()}}"
+    folder.mkdir(parents=True)
+else:
+    folder = Path(args[args.index("--resume") + 1])
+(folder / "summary.json").write_text("{{}}")
+"""
+
+
+def test_queue_skips_finished_runs_resumes_interrupted_ones_and_starts_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "commands.txt"
+    (tmp_path / "fake.py").write_text(QUEUED_SCRIPT.format(record=str(record)))
+    finished = tmp_path / "runs" / "Env-v0__done__1__100"
+    interrupted = tmp_path / "runs" / "Env-v0__cut__1__100"
+    for folder in (finished, interrupted):
+        folder.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    (interrupted / "checkpoint.pt").write_bytes(b"")
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# a comment\n"
+                     "fake.py --env-id Env-v0 --exp-name done --seed 1\n"
+                     "fake.py --env-id Env-v0 --exp-name cut --seed 1 --flag 2\n\n"
+                     "fake.py --env-id Env-v0 --exp-name new --seed 1\n"
+                     "fake.py --env-id Env-v0 --exp-name new --seed 2\n")
+    main(["queue", str(sweep), "--parallel", "2", "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    commands = sorted(record.read_text().splitlines())
+    assert commands == sorted(["--resume runs/Env-v0__cut__1__100", "--env-id Env-v0 --exp-name new --seed 1",
+                               "--env-id Env-v0 --exp-name new --seed 2"])
+    # started again, the whole sweep is finished: nothing runs
+    main(["queue", str(sweep), "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    assert len(record.read_text().splitlines()) == 3
+
+
+def test_queue_reports_failed_lines_and_refuses_lines_it_could_not_find_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "commands.txt"
+    (tmp_path / "fake.py").write_text(QUEUED_SCRIPT.format(record=str(record)))
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("fake.py --env-id Env-v0 --exp-name bad --seed 1 --fail\n"
+                     "fake.py --env-id Env-v0 --exp-name good --seed 1\n")
+    with pytest.raises(SystemExit, match="failed: .*--exp-name bad"):
+        main(["queue", str(sweep), "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    assert len(list((tmp_path / "runs").glob("Env-v0__good__1__*/summary.json"))) == 1
+    sweep.write_text("fake.py --env-id Env-v0 --seed 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["queue", str(sweep)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: queue line 'fake.py --env-id Env-v0 --seed 1' does not give --exp-name")

@@ -2,6 +2,7 @@
 
     python -m utils.benchmark run [--scripts otpr.py idql_baseline.py ...] --seeds 1 2 [--parallel N] [--threads T] \
         -- --total-timesteps 100000
+    python -m utils.benchmark queue sweep.txt [--parallel N] [--threads T]
     python -m utils.benchmark report runs [more_roots ...] [--group-by exp_name]
     python -m utils.benchmark plot runs [more_roots ...] --out docs/kitchen_complete.png [--title TITLE]
     python -m utils.benchmark speed [--device cuda|cpu] [--num-envs N] [--script otpr.py] [-- more script flags]
@@ -11,6 +12,11 @@ each (default 1: on a 2-core CPU more threads only contend; on a 16-core GPU mac
 It starts a seed's other scripts only after the first script of that seed has written (or loaded) that seed's shared
 pre-trained checkpoint (its log says "pre-trained policy"), so that every method fine-tunes the same file. Logs go to
 runs/benchmark_logs/<script>__seed<seed>.log.
+
+`queue` runs a file of command lines (`script --env-id E --exp-name X --seed N ...`, one run each), --parallel at a
+time; the same command started again skips the lines whose run finished (summary.json) and continues those that were
+interrupted (`--resume` from their checkpoint.pt): a sweep longer than a session. Logs go to
+runs/benchmark_logs/<env id>__<exp name>__<seed>.log.
 
 `report` prints one row per run (every <root>/*/summary.json), then one row per (env id, exp name) aggregated over
 its seeds, then each run's score at every evaluation. `plot` draws success rate and normalized score over env steps,
@@ -115,6 +121,68 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
         raise SystemExit(f"failed or skipped: {failed} (see {logs})")
 
 
+# --------------------------------------------------------------------------------------------------------- queue
+def run_identity(tokens: Sequence[str]) -> tuple[str, str, str]:
+    """(env id, exp name, seed) that a queue line's flags give its run: each must be named (--env-id, --exp-name,
+    --seed), so that the run folder runs/<env id>__<exp name>__<seed>__<time> can be found again."""
+    identity = []
+    for flag in ("--env-id", "--exp-name", "--seed"):
+        if flag not in tokens or tokens.index(flag) + 1 >= len(tokens):
+            raise ValueError(f"queue line {' '.join(tokens)!r} does not give {flag}: every line names --env-id, "
+                             "--exp-name and --seed, so that its run can be found and continued")
+        identity.append(tokens[tokens.index(flag) + 1])
+    return tuple(identity)
+
+
+def queue(path: Path, parallel: int = 1, threads: int = 1, runs_root: Path = Path("runs"),
+          logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
+    """Runs the lines of `path` ("script --flag value ...", blank lines and # comments skipped), at most `parallel` at
+    a time, so that a sweep longer than a session can be stopped and started again with the same command: a line whose
+    run folder holds summary.json is done and skipped; one whose folder holds checkpoint.pt continues with
+    `--resume <folder>`; the others start afresh. Lines that share a pre-trained file which does not exist yet should
+    not run at once (the first pre-trains it). Raises SystemExit naming the failed lines, if any."""
+    lines = [line.split() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    identities = [run_identity(tokens) for tokens in lines]
+    if len(set(identities)) < len(identities):
+        raise ValueError(f"{path}: two lines name the same (env id, exp name, seed)")
+    logs = Path(logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    env = {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+    pending, running, failed = [], [], []
+    for tokens, (env_id, exp_name, seed) in zip(lines, identities):
+        folders = sorted(Path(runs_root).glob(f"{env_id}__{exp_name}__{seed}__*"))
+        if any((folder / "summary.json").is_file() for folder in folders):
+            print(f"done before: {' '.join(tokens)}", flush=True)
+            continue
+        resumable = [folder for folder in folders if (folder / "checkpoint.pt").is_file()]
+        command = [sys.executable, tokens[0], *(["--resume", str(resumable[-1])] if resumable else tokens[1:])]
+        pending.append((command, logs / f"{env_id}__{exp_name}__{seed}.log"))
+    try:
+        while pending or running:
+            for job in [job for job in running if job[0].poll() is not None]:
+                running.remove(job)
+                process, handle, command = job
+                handle.close()
+                if process.returncode:
+                    failed.append(" ".join(command))
+                print(f"[{time.strftime('%H:%M:%S')}] {'FAILED' if process.returncode else 'done'}: "
+                      f"{' '.join(command)}", flush=True)
+            while pending and len(running) < parallel:
+                command, log = pending.pop(0)
+                print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(command)}  (log: {log})", flush=True)
+                handle = log.open("a")
+                running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle,
+                                command))
+            time.sleep(poll_s if running else 0)
+    except BaseException:  # Ctrl-C: stop the runs this call started (each keeps its last checkpoint)
+        for process, _, _ in running:
+            process.terminate()
+        raise
+    if failed:
+        raise SystemExit(f"failed: {failed} (see {logs})")
+
+
 # -------------------------------------------------------------------------------------------------------- report
 def load_summaries(roots: Path | Sequence[Path]) -> list[tuple[Path, dict]]:
     """(run folder, summary) of every <root>/*/summary.json (or <root>/summary.json), sorted by env, exp, seed."""
@@ -199,7 +267,7 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
               " / ".join(PHASE_NAMES.get(p, p) for p in phases) + " (s per iteration)",
               *(["final score per protocol (" + " / ".join(protocols) + ")"] if protocols else [])]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    curves, ot_rows = [], []
+    curves, ot_rows, guidance_rows = [], [], []
     for run_dir, s in runs:
         t = s.get("time_per_iteration_s", {})
         split = " / ".join(_num(t.get(p), ".2f") for p in phases)
@@ -219,10 +287,11 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
         env_note = f" [{s.get('env_id')}]" if several_envs else ""
         curves.append(f"- {s.get('exp_name')}{env_note} seed {s.get('seed')} "
                       f"({s['final'].get('episodes', '?')} episodes per evaluation): {points}")
-        ot_stats = {tag: sum(values) / len(values) for tag in OT_TAGS if (values := logged.get(f"ot/{tag}"))}
-        if ot_stats:
-            ot_rows.append(f"| {s.get('exp_name')} | {s.get('seed')} | "
-                           + " | ".join(f"{ot_stats.get(k, float('nan')):.3f}" for k in OT_TAGS) + " |")
+        for prefix, tags, table in (("ot", OT_TAGS, ot_rows), ("guidance", GUIDANCE_TAGS, guidance_rows)):
+            means = {tag: sum(values) / len(values) for tag in tags if (values := logged.get(f"{prefix}/{tag}"))}
+            if means:
+                table.append(f"| {s.get('exp_name')} | {s.get('seed')} | "
+                             + " | ".join(f"{means.get(k, float('nan')):.3f}" for k in tags) + " |")
 
     aggregate_header = [group_by, "env", "seeds", "pre-trained score", "final score", "best score", "final success",
                         "final score range (min-max)", "env steps", "mean wall (min)", "mean SPS",
@@ -241,14 +310,21 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
 
     lines = [*rows, "", f"Over seeds, per (env, {group_by}): mean ± std (population std, ddof=0) over its runs:",
              *aggregate_rows, "", "Normalized score at each evaluation (env steps: score):", *curves]
+    if guidance_rows:
+        lines += ["", "The guidance's lever (guidance/* in docs/otpr.md), mean over the run's iterations:",
+                  "| run | seed | " + " | ".join(GUIDANCE_TAGS) + " |", "|" + "---|" * (len(GUIDANCE_TAGS) + 2),
+                  *guidance_rows]
     if ot_rows:
-        lines += ["", "OT fit, mean over the run's fits (held-out columns: evaluation iterations only):",
+        lines += ["", "OT fit, mean over the run's fits (held-out and candidate columns: evaluation iterations only):",
                   "| run | seed | " + " | ".join(OT_TAGS) + " |", "|" + "---|" * (len(OT_TAGS) + 2), *ot_rows]
     return "\n".join(lines)
 
 
-OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_residual_a", "frac_zero_h",
-           "frac_states_all_zero_h", "q_scale", "g_scale")
+OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_residual_a", "frac_zero_h", "q_scale",
+           "g_scale", "cost_state_share", "candidate_h_q_correlation", "candidate_v_cost_correlation",
+           "selection_q_gain")
+GUIDANCE_TAGS = ("candidate_ess", "top_candidate_prob", "candidate_spread", "frac_states_all_zero", "batch_ess",
+                 "keypoint_loss_share")
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -439,6 +515,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_parser.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
     run_parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     run_parser.add_argument("extra", nargs=argparse.REMAINDER)
+    queue_parser = commands.add_parser("queue", help="run a file of command lines; started again, skips finished "
+                                         "runs and resumes interrupted ones")
+    queue_parser.add_argument("file", type=Path)
+    queue_parser.add_argument("--parallel", type=int, default=1, help="at most this many runs at once (default: 1)")
+    queue_parser.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per run (default: 1)")
+    queue_parser.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
+    queue_parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     report_parser = commands.add_parser("report", help="markdown tables of every summary.json under the folders")
     report_parser.add_argument("roots", type=Path, nargs="*", default=[Path("runs")])
     report_parser.add_argument("--group-by", default="exp_name", help="summary.json key to aggregate seeds by")
@@ -459,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if parsed.command == "run":
         run(parsed.scripts, parsed.seeds, [a for a in parsed.extra if a != "--"], parsed.parallel, parsed.threads,
             parsed.logs, parsed.poll)
+    elif parsed.command == "queue":
+        try:
+            queue(parsed.file, parsed.parallel, parsed.threads, logs=parsed.logs, poll_s=parsed.poll)
+        except (ValueError, FileNotFoundError) as error:  # a sweep file it cannot run: one line, exit code 2
+            parser.exit(2, f"error: {error}\n")
     elif parsed.command == "report":
         print(report(parsed.roots, parsed.group_by))
     elif parsed.command == "speed":
