@@ -111,6 +111,23 @@ def test_otpr_in_idql_configuration_reproduces_idql_exactly(workdir):
     assert all(torch.equal(critics[0][key], critics[1][key]) for key in critics[1])
 
 
+def test_the_guidance_reaches_what_otpr_executes_and_learns(workdir):
+    """What each run's loop handed its selection and its actor loss, as the loss and the selection measured it: OTPR
+    weighs its actor's pairs by H (batch_ess < 1) and adds the keypoint block (a share of the loss), and its potentials
+    were fitted; OTPR in IDQL's configuration weighs nothing (batch_ess 1, no keypoints, no fit). A loop that passes
+    no weights to the actor update, or drops the keypoint block, or never marks the fit, fails here."""
+    cwd = workdir[0]
+    otpr_logged, as_idql_logged = scalars(run_dir(cwd, "otpr")), scalars(run_dir(cwd, "otpr_as_idql"))
+    assert all(value < 0.999 for value in otpr_logged["guidance/batch_ess"])
+    assert all(0 < value < 1 for value in otpr_logged["guidance/keypoint_loss_share"])
+    assert all(value == 1 for value in as_idql_logged["guidance/batch_ess"])
+    assert all(value == 0 for value in as_idql_logged["guidance/keypoint_loss_share"])
+    checkpoint = torch.load(run_dir(cwd, "otpr") / "checkpoint.pt", weights_only=False)
+    assert checkpoint["transport_cost"]["_extra_state"]["fitted"]
+    assert not torch.load(run_dir(cwd, "otpr_as_idql") / "checkpoint.pt",
+                          weights_only=False)["transport_cost"]["_extra_state"]["fitted"]
+
+
 def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
     cwd = workdir[0]
     (checkpoint,) = (cwd / "pretrained").glob("*.pt")
