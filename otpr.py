@@ -764,6 +764,25 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
 
 
+# A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
+# torch.load unpickles only these (weights_only, with NumPy's array and scalar types allowed), so a crafted file is
+# refused instead of running code.
+CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+                      np.dtypes.UInt32DType, np.dtypes.Float64DType]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of this project, loaded without running code; ValueError naming the file for anything else."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or objects that only code could rebuild
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a checkpoint this script can load safely ({reason[:200]}): it may be "
+                         "truncated, or hold objects other than tensors and plain values, which are never loaded "
+                         "because loading them could run code") from None
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -800,7 +819,7 @@ def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
         if args.pretrained_checkpoint is not None:
             raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     expected = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1]}
     mismatched = {k: (checkpoint["meta"].get(k), v) for k, v in expected.items() if checkpoint["meta"].get(k) != v}
     if mismatched:
@@ -823,7 +842,7 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
     resumable = {"policy": policy, "ema": ema, "optimizer": optimizer}
     start, losses = 0, []
     if partial_path.exists():
-        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(partial_path)
         for key, module in resumable.items():
             module.load_state_dict(state[key])
         optimizer.param_groups[0].update(lr=lr, capturable=True)  # not the saved values: the steps read this tensor
@@ -903,6 +922,8 @@ def check_args(args: Args):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
             raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+    if args.exp_name in ("", ".", "..") or any(separator in args.exp_name for separator in "/\\"):
+        raise ValueError(f"--exp-name {args.exp_name!r} must be a plain name: it names a folder under runs/")
     if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
         raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
                          "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
@@ -916,9 +937,13 @@ def read_resume_state(resume: str, script: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (give a run folder under runs/ that "
                                 "holds a checkpoint.pt, or the file itself)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if state.get("script") != script:
         raise ValueError(f"{path} is a checkpoint of {state.get('script')}: resume it with that script")
+    run_name = str(state.get("run_name"))
+    if run_name in ("", ".", "..") or Path(run_name).name != run_name or "\\" in run_name:
+        raise ValueError(f"{path} names its run {run_name!r}, which is not a folder name under runs/: it was not "
+                         f"written by {script}")
     if "rng" not in state:
         raise ValueError(f"{path} was written by an older version of {script}, whose state this version cannot "
                          "restore: start a new run")

@@ -226,6 +226,39 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
 
 
+class RunsCode:
+    """Unpickled, it runs a shell command: what a crafted checkpoint could do if loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
+def test_a_crafted_checkpoint_runs_nothing_and_paths_stay_under_runs(tmp_path, monkeypatch, capsys, script):
+    marker = tmp_path / "code_ran"
+    crafted = tmp_path / "crafted" / "checkpoint.pt"
+    crafted.parent.mkdir()
+    torch.save({"script": script, "run_name": "x", "payload": RunsCode(marker)}, crafted)
+    torch.load(crafted, weights_only=False)  # the file is what it claims: loaded as before, it runs its command
+    assert marker.exists()
+    marker.unlink()
+    for flags in (["--resume", "crafted"], ["--pretrained-checkpoint", "crafted/checkpoint.pt"]):
+        message = bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
+        assert "is not a checkpoint this script can load safely" in message and not marker.exists()
+    # a checkpoint whose run name leaves runs/ is refused, and so is such an --exp-name
+    (tmp_path / "escaping").mkdir()
+    torch.save({"script": script, "run_name": "../../elsewhere", "rng": {}}, tmp_path / "escaping" / "checkpoint.pt")
+    assert "names its run '../../elsewhere'" in bad_input_error(script, ["--resume", "escaping"], tmp_path, monkeypatch,
+                                                                capsys)
+    for name in ("../outside", "a/b", ".."):
+        assert "must be a plain name" in bad_input_error(script, ["--exp-name", name], tmp_path, monkeypatch, capsys)
+
+
 def test_ot_alpha_with_unsupervised_ot_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
     message = bad_input_error("otpr.py", ["--ot-mode", "unsupervised", "--ot-alpha", "0.3"], tmp_path, monkeypatch, capsys)
     assert "--ot-alpha 0.3 weighs the keypoint guidance of --ot-mode masked" in message
