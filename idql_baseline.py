@@ -632,6 +632,8 @@ def check_args(args: Args):
             raise ValueError(f"{flag} needs at least one value")
         if isinstance(value, bool) or not all(isinstance(x, (int, float)) for x in values):
             continue
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
         if field.name in FRACTIONS and not all(0 <= x <= 1 for x in values):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):

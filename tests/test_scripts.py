@@ -213,6 +213,8 @@ BAD_INPUT = [
     (["--dataset-path", "notes.txt"], "Cannot read notes.txt as HDF5"),
     (["--actor-hidden", "512", "256", "512"], "--actor-hidden 512 256 512: the residual denoising MLP has one width"),
     (["--actor-hidden", "512", "512"], "and an odd number of layers"),
+    (["--critic-lr", "inf"], "--critic-lr must be a finite number, got inf"),
+    (["--actor-lr", "nan"], "--actor-lr must be a finite number, got nan"),
 ]
 
 
