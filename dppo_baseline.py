@@ -661,14 +661,16 @@ def check_args(args: Args):
         raise ValueError(f"--exp-name {args.exp_name!r} must be a plain name: it names a folder under runs/")
     if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
         raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
-                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. "
+                         "512 512 512")
 
 
 def check_ppo_args(args: Args):
     """Raises ValueError for what check_args cannot see: flags that only fail together."""
     if len(set(args.critic_hidden)) != 1 or len(args.critic_hidden) % 2 == 0:
-        raise ValueError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: the residual value network has one "
-                         "width and an odd number of layers (an input layer and two per residual block), e.g. 256 256 256")
+        raise ValueError(f"--critic-hidden {' '.join(map(str, args.critic_hidden))}: the residual value network has "
+                         "one width and an odd number of layers (an input layer and two per residual block), e.g. "
+                         "256 256 256")
     if args.ft_denoising_steps > args.denoising_steps:
         raise ValueError(f"--ft-denoising-steps {args.ft_denoising_steps} exceeds --denoising-steps "
                          f"{args.denoising_steps}")
@@ -950,7 +952,7 @@ if __name__ == "__main__":
         for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
             writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
 
-        if (iteration + 1) % args.checkpoint_frequency == 0:
+        if (iteration + 1) % args.checkpoint_frequency == 0 or iteration + 1 == num_iterations:  # ends resumable
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,

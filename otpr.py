@@ -565,7 +565,8 @@ def correlation(x, y):
 
 
 @torch.no_grad()
-def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, replay, sample_exploring, args: Args) -> dict:
+def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, replay, sample_exploring,
+                   args: Args) -> dict:
     """The fitted plan on a held-out draw the fit never saw: marginal residuals and the fraction of pairs with H = 0;
     and what decides whether H can tell one state's candidates apart (docs/otpr.md, "How much the guidance acts"):
     cost_state_share, cost_action_share: the shares of the cost's variance over the draw's pairs explained by the
@@ -650,7 +651,8 @@ def selection_lever(weights, candidates, all_zero) -> dict:
     and flat weights over distinct ones are told apart by it); all_zero: every weight was 0 (the choice was uniform)."""
     num_candidates, dim = candidates.shape[1:]
     distances = torch.cdist(candidates, candidates).sum((1, 2)) / max(1, num_candidates * (num_candidates - 1))
-    return {"candidate_ess": effective_sample_size(weights), "top_candidate_prob": weights.max(1).values / weights.sum(1),
+    return {"candidate_ess": effective_sample_size(weights),
+            "top_candidate_prob": weights.max(1).values / weights.sum(1),
             "candidate_spread": distances / math.sqrt(dim), "all_zero": all_zero}
 
 
@@ -928,7 +930,8 @@ def check_args(args: Args):
         raise ValueError(f"--exp-name {args.exp_name!r} must be a plain name: it names a folder under runs/")
     if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
         raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
-                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. "
+                         "512 512 512")
     if args.ot_mode == "unsupervised" and args.ot_alpha != Args.ot_alpha:
         raise ValueError(f"--ot-alpha {args.ot_alpha} weighs the keypoint guidance of --ot-mode masked; the cost of "
                          "--ot-mode unsupervised is -Q alone: drop --ot-alpha, or use --ot-mode masked")
@@ -1210,7 +1213,7 @@ if __name__ == "__main__":
         for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
             writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
 
-        if (iteration + 1) % args.checkpoint_frequency == 0:
+        if (iteration + 1) % args.checkpoint_frequency == 0 or iteration + 1 == num_iterations:  # ends resumable
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,

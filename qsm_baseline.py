@@ -443,7 +443,8 @@ def selection_lever(weights, candidates, all_zero) -> dict:
     and flat weights over distinct ones are told apart by it); all_zero: every weight was 0 (the choice was uniform)."""
     num_candidates, dim = candidates.shape[1:]
     distances = torch.cdist(candidates, candidates).sum((1, 2)) / max(1, num_candidates * (num_candidates - 1))
-    return {"candidate_ess": effective_sample_size(weights), "top_candidate_prob": weights.max(1).values / weights.sum(1),
+    return {"candidate_ess": effective_sample_size(weights),
+            "top_candidate_prob": weights.max(1).values / weights.sum(1),
             "candidate_spread": distances / math.sqrt(dim), "all_zero": all_zero}
 
 
@@ -665,7 +666,8 @@ def check_args(args: Args):
         raise ValueError(f"--exp-name {args.exp_name!r} must be a plain name: it names a folder under runs/")
     if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
         raise ValueError(f"--actor-hidden {' '.join(map(str, args.actor_hidden))}: the residual denoising MLP has one "
-                         "width and an odd number of layers (an input layer and two per residual block), e.g. 512 512 512")
+                         "width and an odd number of layers (an input layer and two per residual block), e.g. "
+                         "512 512 512")
 
 
 def read_resume_state(resume: str, script: str) -> dict:
@@ -886,7 +888,7 @@ if __name__ == "__main__":
         for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
             writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
 
-        if (iteration + 1) % args.checkpoint_frequency == 0:
+        if (iteration + 1) % args.checkpoint_frequency == 0 or iteration + 1 == num_iterations:  # ends resumable
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,

@@ -292,6 +292,7 @@ def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path, script):
     args = TINY[2:] + (OTPR_TINY if script == "otpr.py" else [])
     args[args.index("--num-steps") + 1] = str(decisions)
     args[args.index("--total-timesteps") + 1] = str(3 * 2 * decisions * 4)
+    args[args.index("--checkpoint-frequency") + 1] = "100"  # more than the run's 3 iterations: the end still saves
     args += ["--env-id", "Pendulum-v1", "--dataset-path", str(tmp_path / "pendulum.hdf5")]
     finish(start(script, args, tmp_path))
     (path,) = (tmp_path / "runs").glob(f"Pendulum-v1__{script[:-3]}__3__*")
@@ -304,7 +305,9 @@ def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path, script):
     assert torch.load(checkpoint, weights_only=False)["meta"]["obs_dim"] == 3
 
     assert len(scalars(path)["charts/train_episodic_return"]) == 2  # one time-out in each env
-    replay = torch.load(path / "checkpoint.pt", weights_only=False)["replay"]
+    checkpoint = torch.load(path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["iteration"] == 3  # a run shorter than --checkpoint-frequency is resumable at its end
+    replay = checkpoint["replay"]
     online = {key: value[replay["size"] - 3 * 2 * decisions:] for key, value in replay["data"].items()}
     assert online["terminated"].sum() == 0  # time-outs are not terminal: the critic bootstraps through them
     timeout_decision = 200 // 4 - 1  # the 50th decision of each env ends its episode
