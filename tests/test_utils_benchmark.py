@@ -73,6 +73,15 @@ def test_aggregate_row_is_mean_std_and_range_over_three_seeds(tmp_path):
     assert "| idql | Kitchen-Complete-v0 | 1 | 25.0 ± 0.0 | 5.0 ± 0.0 | 75.0 ± 0.0 | 0.10 ± 0.00 | 5.0-5.0 | 5000 | 10 | 9 |" in table
 
 
+def test_runs_of_different_budgets_are_not_pooled(tmp_path):
+    write_summary(tmp_path / "short_1", seed=1, final=40.0)
+    write_summary(tmp_path / "short_2", seed=2, final=60.0)
+    write_summary(tmp_path / "long_1", seed=1, final=90.0, iterations=20)
+    rows = {row["group"]: row for row in aggregate(load_summaries(tmp_path))}
+    assert set(rows) == {"otpr (10 iterations)", "otpr (20 iterations)"}
+    assert rows["otpr (10 iterations)"]["final"] == [40.0, 60.0] and rows["otpr (20 iterations)"]["final"] == [90.0]
+
+
 def test_report_reads_several_roots_and_groups_by_another_key(tmp_path):
     write_summary(tmp_path / "a" / "run_1", seed=1, final=20.0, variant="x")
     write_summary(tmp_path / "b" / "run_2", seed=2, final=40.0, variant="x")

@@ -220,10 +220,18 @@ def _mean_std(values: Sequence[float], spec: str) -> str:
 
 
 def group_runs(runs: list[tuple[Path, dict]], group_by: str) -> dict[tuple[str, str], list[dict]]:
-    """The summaries of the runs, keyed by (env_id, summary[group_by]), in the order of `runs`."""
+    """The summaries of the runs, keyed by (env_id, summary[group_by]), in the order of `runs`. Runs of one key but of
+    different budgets (iterations) are not pooled: each budget is a group of its own, its name followed by the budget."""
+    key = lambda s: (str(s.get("env_id", "-")), str(s.get(group_by, "-")))
+    budgets: dict[tuple[str, str], set] = {}
+    for _, s in runs:
+        budgets.setdefault(key(s), set()).add(s.get("iterations"))
     groups: dict[tuple[str, str], list[dict]] = {}
     for _, s in runs:
-        groups.setdefault((str(s.get("env_id", "-")), str(s.get(group_by, "-"))), []).append(s)
+        env_id, name = key(s)
+        if len(budgets[env_id, name]) > 1:
+            name = f"{name} ({s.get('iterations')} iterations)"
+        groups.setdefault((env_id, name), []).append(s)
     return groups
 
 
