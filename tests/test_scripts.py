@@ -261,6 +261,30 @@ def test_a_crafted_checkpoint_runs_nothing_and_paths_stay_under_runs(tmp_path, m
         assert "must be a plain name" in bad_input_error(script, ["--exp-name", name], tmp_path, monkeypatch, capsys)
 
 
+@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py"])
+def test_demonstrations_that_cannot_train_are_refused_before_pre_training(tmp_path, monkeypatch, capsys, script):
+    """A NaN in the data, or data of another task's dimensions, ends with one line before anything is trained or saved
+    (bad_input_error: no runs/ folder, so no pre-trained file under runs/pretrained/ either)."""
+    import h5py
+    import numpy as np
+
+    def write(name, observations, actions):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["observations"], f["actions"] = observations, actions
+            f["rewards"], f["terminals"] = np.zeros(len(actions)), np.zeros(len(actions), dtype=bool)
+
+    observations = np.zeros((8, 3))
+    observations[5, 1] = np.nan
+    write("nan.hdf5", observations, np.zeros((8, 1)))
+    write("kitchen_actions.hdf5", np.zeros((8, 3)), np.zeros((8, 9)))
+    message = bad_input_error(script, ["--env-id", "Pendulum-v1", "--dataset-path", "nan.hdf5"], tmp_path,
+                              monkeypatch, capsys)
+    assert "observations holds a non-finite value (nan or inf) at row 5" in message
+    message = bad_input_error(script, ["--env-id", "Pendulum-v1", "--dataset-path", "kitchen_actions.hdf5"], tmp_path,
+                              monkeypatch, capsys)
+    assert "9-dim actions, but Pendulum-v1 has 3 and 1" in message
+
+
 def test_ot_alpha_with_unsupervised_ot_is_refused_not_ignored(tmp_path, monkeypatch, capsys):
     message = bad_input_error("otpr.py", ["--ot-mode", "unsupervised", "--ot-alpha", "0.3"], tmp_path, monkeypatch, capsys)
     assert "--ot-alpha 0.3 weighs the keypoint guidance of --ot-mode masked" in message

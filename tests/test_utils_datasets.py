@@ -183,10 +183,11 @@ def test_download_through_file_url_then_load(monkeypatch, tmp_path, real_complet
     assert data["observations"].shape == (3680, 60) and data["rewards"].sum() == 4 * 19
 
 
-def write_hdf5(path, n=5, obs_dim=3, drop=(), **overrides):
+def write_hdf5(path, n=5, obs_dim=3, action_dim=1, drop=(), **overrides):
+    """Pendulum-v1's dimensions by default."""
     arrays = {
         "observations": np.arange(n * obs_dim, dtype=np.float64).reshape(n, obs_dim),
-        "actions": np.ones((n, 2), dtype=np.float64),
+        "actions": np.ones((n, action_dim), dtype=np.float64),
         "rewards": np.array([0.5, 1.0, 2.0, 0.0, -1.0][:n]),
         "terminals": np.array([0, 1, 0, 0, 0][:n], dtype=bool),
         "timeouts": np.zeros(n, dtype=bool),
@@ -203,7 +204,7 @@ def test_dataset_path_for_another_env(tmp_path):
     write_hdf5(path, drop=("timeouts",))
     data = load_dataset("Pendulum-v1", dataset_path=str(path))
     assert data["observations"].dtype == np.float32 and data["observations"].shape == (5, 3)
-    assert data["actions"].dtype == np.float32 and data["actions"].shape == (5, 2)
+    assert data["actions"].dtype == np.float32 and data["actions"].shape == (5, 1)
     np.testing.assert_array_equal(data["rewards"], [0.5, 1.0, 2.0, 0.0, -1.0])  # not relabelled
     np.testing.assert_array_equal(data["terminals"], [0, 1, 0, 0, 0])
     np.testing.assert_array_equal(data["timeouts"], [0, 0, 0, 0, 1])  # the cut-off last episode still ends
@@ -212,7 +213,8 @@ def test_dataset_path_for_another_env(tmp_path):
 def test_dataset_path_for_a_kitchen_id_is_relabelled(tmp_path):
     path = tmp_path / "kitchen.hdf5"
     labels = np.array([0, 1, 1, 2, 0, 0, 1], dtype=np.float32)
-    write_hdf5(path, n=7, obs_dim=60, rewards=labels, terminals=np.eye(7, dtype=bool)[3], timeouts=np.zeros(7, bool))
+    write_hdf5(path, n=7, obs_dim=60, action_dim=9, rewards=labels, terminals=np.eye(7, dtype=bool)[3],
+               timeouts=np.zeros(7, bool))
     data = load_dataset(COMPLETE, dataset_path=str(path))
     np.testing.assert_array_equal(data["rewards"], [0, 1, 0, 1, 0, 0, 1])
     np.testing.assert_array_equal(data["timeouts"], [0, 0, 0, 0, 0, 0, 1])
@@ -233,6 +235,17 @@ def test_dataset_path_errors(tmp_path):
     write_hdf5(wrong_dim)
     with pytest.raises(DatasetError, match="60-dim"):
         load_dataset(COMPLETE, dataset_path=str(wrong_dim))
+    other_task = tmp_path / "kitchen_actions_for_pendulum.hdf5"
+    write_hdf5(other_task, action_dim=9)  # the kitchen's actions: loaded for Pendulum-v1, refused before training
+    with pytest.raises(DatasetError, match="3-dim observations and 9-dim actions, but Pendulum-v1 has 3 and 1"):
+        load_dataset("Pendulum-v1", dataset_path=str(other_task))
+    for key, row in (("observations", 3), ("actions", 0), ("rewards", 4)):
+        not_finite = tmp_path / f"inf_{key}.hdf5"
+        values = {"observations": np.zeros((5, 3)), "actions": np.zeros((5, 1)), "rewards": np.zeros(5)}[key]
+        values[row] = np.inf if key == "rewards" else np.nan
+        write_hdf5(not_finite, **{key: values})
+        with pytest.raises(DatasetError, match=f"{key} holds a non-finite value \\(nan or inf\\) at row {row} "):
+            load_dataset("Pendulum-v1", dataset_path=str(not_finite))
 
 
 @pytest.mark.parametrize("content", ["text", "half of the real file"])

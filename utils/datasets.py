@@ -48,6 +48,7 @@ from utils.envs import (
     is_robomimic,
     kitchen_goal,
     kitchen_observation,
+    state_dims,
 )
 
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/kitchen"
@@ -395,21 +396,39 @@ def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = N
     format); for robomimic ids a robomimic HDF5 file. Otherwise, for kitchen ids, source "d4rl" (verified file from
     dataset_dir(), else shipped with the repository, else downloaded) or "minari" (local Minari dataset); for
     robomimic ids source "scripted": the demonstrations of utils/make_demos.py (generated on first use).
+    The result is checked before anything trains on it: every value finite, and the env's dimensions (check_dataset).
     """
     check_env_id(env_id, has_dataset_path=dataset_path is not None)
     if is_pixels(env_id):
         raise ValueError(f"{env_id} is a camera-image task: load its demonstrations with load_pixel_dataset (the "
                          f"*_pixels.py scripts); its state task is {PIXEL_TASKS[env_id].state_env_id}")
     if is_robomimic(env_id):
-        return read_robomimic(_robomimic_file(env_id, source, dataset_path), env_id)
-    if dataset_path is not None:
+        data = read_robomimic(_robomimic_file(env_id, source, dataset_path), env_id)
+    elif dataset_path is not None:
         data = _read_hdf5(Path(dataset_path))
-        return _relabel_kitchen(data) if is_kitchen(env_id) else data
-    if source == "d4rl":
-        return _relabel_kitchen(_read_hdf5(_fetch_d4rl(env_id)))
-    if source == "minari":
-        return _load_minari(env_id)
-    raise ValueError(f"Unknown dataset source {source!r} for {env_id}; use 'd4rl' or 'minari'")
+        data = _relabel_kitchen(data) if is_kitchen(env_id) else data
+    elif source == "d4rl":
+        data = _relabel_kitchen(_read_hdf5(_fetch_d4rl(env_id)))
+    elif source == "minari":
+        data = _load_minari(env_id)
+    else:
+        raise ValueError(f"Unknown dataset source {source!r} for {env_id}; use 'd4rl' or 'minari'")
+    check_dataset(data, env_id, dataset_path or f"the {source} dataset of {env_id}")
+    return data
+
+
+def check_dataset(data: dict[str, np.ndarray], env_id: str, name: str) -> None:
+    """DatasetError unless observations, actions and rewards are finite and the dimensions are env_id's (state_dims)."""
+    for key in ("observations", "actions", "rewards"):
+        bad_rows = np.flatnonzero(~np.isfinite(data[key].reshape(len(data[key]), -1)).all(1))
+        if len(bad_rows):
+            raise DatasetError(f"{name}: {key} holds a non-finite value (nan or inf) at row {bad_rows[0]} "
+                               f"({len(bad_rows)} rows in all): fix or drop those rows")
+    obs_dim, action_dim = state_dims(env_id)
+    found = (data["observations"].shape[1], data["actions"].shape[1])
+    if found != (obs_dim, action_dim):
+        raise DatasetError(f"{name} has {found[0]}-dim observations and {found[1]}-dim actions, but {env_id} has "
+                           f"{obs_dim} and {action_dim}: these demonstrations are of another task")
 
 
 # ------------------------------------------------------------------------------------------------ camera images

@@ -44,6 +44,7 @@ KITCHEN_TASKS: dict[str, list[str]] = {
 }
 KITCHEN_QPOS_DIM = 30  # 9 robot joints + 21 object coordinates; D4RL's goal vector is indexed like this qpos
 KITCHEN_OBS_DIM = 60  # robot qpos (9) + object qpos (21) + goal (30)
+KITCHEN_ACTION_DIM = 9  # the Franka arm's 7 joint velocities and its 2 gripper fingers
 VIDEO_WIDTH, VIDEO_HEIGHT = 320, 240
 
 
@@ -137,6 +138,20 @@ def check_env_id(env_id: str, has_dataset_path: bool) -> None:
             f"{env_id} has no built-in dataset (only {built_in} do): pass --dataset-path with a D4RL-layout HDF5 file "
             "of its demonstrations."
         )
+
+
+def state_dims(env_id: str) -> tuple[int, int]:
+    """(observation dim, action dim) of a state task, the dimensions its demonstrations must have: the built-in ids'
+    from their constants, any other Gymnasium id's from its spaces (built once, then closed)."""
+    if is_kitchen(env_id):
+        return KITCHEN_OBS_DIM, KITCHEN_ACTION_DIM
+    if is_robomimic(env_id):
+        return ROBOMIMIC_OBS_DIM, ROBOMIMIC_ACTION_DIM
+    env = build_env(env_id)
+    try:
+        return int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+    finally:
+        env.close()
 
 
 def kitchen_goal(tasks: list[str]) -> np.ndarray:
