@@ -553,11 +553,24 @@ def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
             raise FileNotFoundError(f"--pretrained-checkpoint {path} does not exist")
         return None
     checkpoint = load_checkpoint(path)
+    if not {"meta", "policy", "obs_normalizer", "action_normalizer"} <= set(checkpoint):
+        raise ValueError(f"{path} is not a pre-trained policy file (an unfinished pre-training's .partial.pt, or another "
+                         "kind of checkpoint): give the .pt file a finished pre-training saved under "
+                         f"{args.pretrained_dir}/")
     expected = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1]}
     mismatched = {k: (checkpoint["meta"].get(k), v) for k, v in expected.items() if checkpoint["meta"].get(k) != v}
     if mismatched:
-        raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} (saved, expected). "
-                         "Pass --pretrained-checkpoint for this task or delete the file.")
+        remedy = ("give a pre-trained file of this task" if args.pretrained_checkpoint is not None
+                  else "pass --pretrained-checkpoint for this task or delete the file")
+        raise ValueError(f"pre-trained checkpoint {path} was made for another task: {mismatched} (saved, expected): "
+                         f"{remedy}")
+    saved = checkpoint["meta"]["config"]
+    differing = [field for field in ("actor_hidden", "time_dim", "denoising_steps")
+                 if json.dumps(saved.get(field)) != json.dumps(getattr(args, field))]  # a tuple saved as a list too
+    if differing:
+        raise ValueError(f"pre-trained checkpoint {path} holds another network: " + ", ".join(
+            f"--{field.replace('_', '-')} {saved.get(field)} (asked: {getattr(args, field)})" for field in differing)
+            + ": give the flags it was pre-trained with, or another file")
     return checkpoint
 
 

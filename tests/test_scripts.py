@@ -138,6 +138,21 @@ def test_checkpoint_from_another_task_is_refused(workdir, tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "made for another task" in output and "Kitchen-Mixed-v0" in output
     assert "Traceback" not in output and not (tmp_path / "runs").exists()
+    assert "delete" not in output  # the file was given explicitly: it is not the user's own to delete
+
+
+def test_a_partial_or_other_network_pretrained_file_is_refused(workdir, tmp_path, monkeypatch, capsys):
+    cwd = workdir[0]
+    (checkpoint,) = (cwd / "pretrained").glob("*.pt")
+    state = torch.load(checkpoint, weights_only=False)
+    torch.save({"step": 5, "losses": [], "policy": state["policy"]}, tmp_path / "x.partial.pt")
+    message = bad_input_error("otpr.py", TINY + ["--pretrained-checkpoint", "x.partial.pt"], tmp_path, monkeypatch,
+                              capsys)
+    assert "is not a pre-trained policy file" in message
+    flags = TINY + ["--pretrained-checkpoint", str(checkpoint)]
+    flags[flags.index("--actor-hidden") + 1: flags.index("--actor-hidden") + 4] = ["32", "32", "32"]
+    message = bad_input_error("otpr.py", flags, tmp_path, monkeypatch, capsys)
+    assert "holds another network: --actor-hidden (64, 64, 64) (asked: (32, 32, 32))" in message
 
 
 def test_resume_continues_an_interrupted_run(workdir):
