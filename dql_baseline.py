@@ -204,6 +204,21 @@ def make_chunk_transitions(dataset: dict, chunk_size: int) -> dict:
 class ReplayBuffer:
     """FIFO buffer of normalised decisions, held as tensors on the training device."""
 
+    @staticmethod
+    def check_fits(capacity: int, obs_dim: int, action_dim: int, on_gpu: bool):
+        """ValueError unless `capacity` rows fit in the memory free where they will be held (the storage is reserved
+        at once: a buffer larger than memory would fail, or be killed, only once it filled)."""
+        needed = capacity * (2 * obs_dim + action_dim + 2) * 4
+        if on_gpu:
+            free, where = torch.cuda.mem_get_info()[0], "on the GPU"
+        else:
+            meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+            available = [line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+            free, where = (int(available[0]) * 1024 if available else math.inf), "in memory"
+        if needed > free:
+            raise ValueError(f"--buffer-size {capacity} needs {needed / 2**30:.1f} GiB for its rows, more than the "
+                             f"{free / 2**30:.1f} GiB free {where}: lower --buffer-size")
+
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device):
         self.capacity, self.size, self.pos = capacity, 0, 0
         self.data = {
@@ -749,6 +764,8 @@ if __name__ == "__main__":
         chunks = make_chunk_transitions(dataset, args.chunk_size)
         pretrained_path = pretrained_checkpoint_path(args, dataset)
         pretrained = read_pretrained(pretrained_path, chunks, args)
+        ReplayBuffer.check_fits(args.buffer_size, chunks["obs"].shape[1], chunks["actions"].shape[1],
+                                args.cuda and torch.cuda.is_available())
     except (ValueError, FileNotFoundError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -316,6 +316,7 @@ def test_resuming_the_last_checkpoint_reproduces_the_uninterrupted_run(uninterru
 BAD_INPUT = [
     (["--env-id", "Kitchen-Compleat-v0"], "Unknown env id 'Kitchen-Compleat-v0'"),
     (["--eta", "-1"], "--eta must be at least 0"),
+    (["--buffer-size", "100000000000"], "GiB for its rows, more than the"),
     (["--policy-ema-decay", "1.5"], "--policy-ema-decay must lie in [0, 1]"),
     (["--actor-batch-size", "0"], "--actor-batch-size must be positive"),
     (["--resume", "idql_run"], "checkpoint of idql_baseline.py"),

@@ -230,6 +230,7 @@ BAD_INPUT = [
     (["--actor-hidden", "512", "512"], "and an odd number of layers"),
     (["--critic-lr", "inf"], "--critic-lr must be a finite number, got inf"),
     (["--actor-lr", "nan"], "--actor-lr must be a finite number, got nan"),
+    (["--buffer-size", "100000000000"], "--buffer-size 100000000000 needs 58859.6 GiB for its rows, more than the"),
 ]
 
 
