@@ -711,6 +711,19 @@ def read_resume_state(resume: str, script: str) -> dict:
     return state
 
 
+def new_run_dir(run_name: str) -> Path:
+    """Creates runs/<run_name> for this run alone: a run of the same name started in the same second gets the next
+    free suffix (_1, _2, ...) instead of writing into the other's folder."""
+    for suffix in range(1000):
+        path = Path("runs") / (run_name if suffix == 0 else f"{run_name}_{suffix}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"runs/{run_name} and 999 suffixed folders exist already")
+
+
 def check_finite(value, name: str, step: int):
     if not torch.isfinite(value):
         raise FloatingPointError(f"{name} is {value.item()} at step {step}: lower the learning rates, check the "
@@ -769,8 +782,9 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    run_name = resume_state["run_name"] if resume_state else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
+    run_dir = (Path("runs") / resume_state["run_name"] if resume_state
+               else new_run_dir(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    run_name = run_dir.name
     # On resume, drop only what the interrupted process logged after its checkpoint's step.
     writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))

@@ -389,3 +389,13 @@ def test_pretraining_on_data_with_a_nan_stops_at_the_first_check(tmp_path):
     writer = SimpleNamespace(add_scalar=lambda *a: None)
     with pytest.raises(FloatingPointError, match="pre-training loss is nan at step 0"):
         otpr.pretrain(policy, obs, torch.zeros(10, 3), args, writer, tmp_path / "partial.pt")
+
+
+@BOTH
+def test_runs_started_in_the_same_second_get_folders_of_their_own(module, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folders = [module.new_run_dir("Kitchen-Complete-v0__otpr__1__100") for _ in range(3)]
+    assert [folder.name for folder in folders] == ["Kitchen-Complete-v0__otpr__1__100",
+                                                   "Kitchen-Complete-v0__otpr__1__100_1",
+                                                   "Kitchen-Complete-v0__otpr__1__100_2"]
+    assert all(folder.is_dir() and folder.parent == Path("runs") for folder in folders)
