@@ -47,6 +47,13 @@ PRETRAINED_MARKER = "pre-trained policy"  # "saved the pre-trained policy to ...
 
 
 # ----------------------------------------------------------------------------------------------------------- run
+def job_environment(threads: int) -> dict:
+    """The environment of a started run: `threads` OpenMP/MKL/torch threads, and unbuffered output, so that the logs
+    are live (and the pre-trained marker shows as soon as it is printed)."""
+    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    return {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+
+
 def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], parallel: int | None = None,
         threads: int = 1, logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
     """Runs every script for every seed, at most `parallel` jobs at a time (None: all at once).
@@ -61,9 +68,7 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
         raise ValueError(f"--threads must be at least 1, got {threads}")
     logs = Path(logs)
     logs.mkdir(parents=True, exist_ok=True)
-    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-    # unbuffered output, so that the logs are live and the pre-trained marker shows as soon as it is printed
-    env = {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+    env = job_environment(threads)
 
     jobs = []  # dicts: command, log, gate (the job whose log must show the marker, or None), state, process, ...
     for seed in seeds:
@@ -147,8 +152,7 @@ def queue(path: Path, parallel: int = 1, threads: int = 1, runs_root: Path = Pat
         raise ValueError(f"{path}: two lines name the same (env id, exp name, seed)")
     logs = Path(logs)
     logs.mkdir(parents=True, exist_ok=True)
-    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-    env = {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+    env = job_environment(threads)
     pending, running, failed = [], [], []
     for tokens, (env_id, exp_name, seed) in zip(lines, identities):
         folders = sorted(Path(runs_root).glob(f"{env_id}__{exp_name}__{seed}__*"))
