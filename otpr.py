@@ -607,15 +607,14 @@ def ot_diagnostics(u_net, v_net, qf_target, transport_cost: TransportCost, repla
     stats["heldout_residual_s"], stats["heldout_residual_a"] = marginal_residuals(h)
     candidate_states = states[:64, None].expand(-1, args.num_candidates, -1)
     candidates = sample_exploring(candidate_states.reshape(-1, states.shape[-1])).view(*candidate_states.shape[:2], -1)
-    candidate_cost = transport_cost(qf_target, candidate_states, candidates)
-    candidate_h = compatibility(u_net(candidate_states).squeeze(-1), v_net(candidates).squeeze(-1), candidate_cost,
-                                transport_cost.epsilon)
+    candidate_cost, candidate_v = transport_cost(qf_target, candidate_states, candidates), v_net(candidates).squeeze(-1)
+    candidate_h = compatibility(u_net(candidate_states).squeeze(-1), candidate_v, candidate_cost, transport_cost.epsilon)
     q = qf_target.min(candidate_states, candidates)
     standardised_q = (q - q.mean(1, keepdim=True)) / q.std(1, keepdim=True).clamp(min=1e-8)
     stats["candidate_cost_spread"] = (candidate_cost.std(1).mean() / (2 * transport_cost.epsilon)).item()
     stats["candidate_q_spread"] = (q.std(1).mean() / transport_cost.q_scale).item()
     stats["candidate_h_q_correlation"] = correlation(candidate_h, q).mean().item()
-    stats["candidate_v_cost_correlation"] = correlation(v_net(candidates).squeeze(-1), candidate_cost).mean().item()
+    stats["candidate_v_cost_correlation"] = correlation(candidate_v, candidate_cost).mean().item()
     selection = candidate_h / candidate_h.sum(1, keepdim=True).clamp(min=1e-30)
     stats["selection_q_gain"] = (selection * standardised_q).sum(1).mean().item()
     return stats
