@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_dataset
 from utils.envs import make_env
+from utils.runtime import RateWatch, RunGuard, check_writable, set_threads, whole_iterations
 
 
 @dataclass
@@ -38,12 +40,14 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled and a GPU is present, run on it; otherwise fall back to the CPU with a message"""
+    threads: int = 0
+    """torch CPU threads (0: OMP_NUM_THREADS if set, else the cores other processes leave idle; utils/runtime.py)"""
     cuda_graphs: bool = True
     """on a GPU, replay each pre-training step as one CUDA graph (docs/speed.md)"""
     capture_video: bool = False
     """if toggled, record videos of the first evaluation env to `videos/<run_name>`"""
     resume: Optional[str] = None
-    """a run directory or checkpoint file to continue from (its saved Args are used, except `cuda`)"""
+    """a run directory or checkpoint file to continue from (its saved Args are used, except `cuda` and `threads`)"""
 
     # Task and data
     env_id: str = "Kitchen-Complete-v0"
@@ -80,8 +84,8 @@ class Args:
     # Online fine-tuning: DPPO's kitchen config (cfg/gym/finetune/kitchen-complete-v0/ft_ppo_diffusion_mlp.yaml), whose
     # 40 envs x 70 decisions per iteration are collected here by 2 envs x 1400 decisions: the same on-policy batch with
     # 2 env workers for a 2-core machine. `--num-envs 40 --num-steps 70` collects it as DPPO does (docs/dppo.md).
-    total_timesteps: int = 50000
-    """environment steps of online fine-tuning (0: evaluate the pre-trained policy only)"""
+    total_timesteps: int = 67200
+    """environment steps of online fine-tuning, whole iterations of num_envs x num_steps x chunk_size (0: evaluate the pre-trained policy only)"""
     num_envs: int = 2
     """parallel environments (asynchronous when more than one), for exploration and for evaluation"""
     num_steps: int = 1400
@@ -135,7 +139,7 @@ class Args:
 
 
 # Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
-MAY_BE_ZERO = ("seed", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std")
+MAY_BE_ZERO = ("seed", "threads", "total_timesteps", "ema_decay", "critic_warmup_iterations", "min_sampling_std")
 FRACTIONS = ("ema_decay", "gamma", "gae_lambda", "clip_coef", "clip_coef_base", "gamma_denoising")
 
 # The paper's Robomimic settings (DPPO's protocol) replace the kitchen defaults above for these env ids; flags given on
@@ -493,8 +497,21 @@ class CudaGraph:
 # Behaviour-cloning pre-training, shared by every method through one checkpoint file
 # ----------------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, state: dict):
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interrupted save never corrupts the last checkpoint
+    """Writes `state` to a temporary file, then renames it: an interrupted or failed save (a full disk) never damages
+    the last checkpoint, and leaves no temporary file behind."""
+    try:
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    except BaseException as error:
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        if not isinstance(error, Exception):  # Ctrl-C or exit: not a failed write
+            raise
+        # a full disk surfaces as OSError or as torch's zip writer's RuntimeError ("unexpected pos ...")
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        free_mib = shutil.disk_usage(path.parent).free / 2**20
+        tqdm.write(f"error: could not write {path} ({reason[:120]}; {free_mib:.0f} MiB free there): free disk space "
+                   "or make the folder writable; the files written before are intact", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
@@ -574,10 +591,11 @@ def read_pretrained(path: Path, chunks: dict, args: Args) -> Optional[dict]:
     return checkpoint
 
 
-def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_path: Path) -> list[float]:
+def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_path: Path,
+             guard: Optional[RunGuard] = None) -> list[float]:
     """BC on the demonstrations: AdamW, linear warm-up then cosine decay, EMA of the weights (loaded for fine-tuning).
-    Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps, and an interrupted pre-training
-    continues from there to the same weights as an uninterrupted one."""
+    Its state goes to `partial_path` every --pretrain-checkpoint-frequency steps and when the guard asks to stop, and an
+    interrupted pre-training continues from there to the same weights as an uninterrupted one."""
     # The learning rate is a tensor on the policy's device, set in place before every step from the schedule, so that
     # the step can be one CUDA graph
     lr = torch.zeros((), device=dataset_obs.device)
@@ -604,6 +622,7 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
         return loss.detach()
 
     bc_update = CudaGraph(bc_step, args.cuda_graphs and dataset_obs.device.type == "cuda")
+    rate_watch = RateWatch("pre-training", "steps", torch.get_num_threads())
     for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
         idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
         lr.fill_(args.pretrain_lr * schedule(step))
@@ -615,14 +634,20 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
             check_finite(loss, "pre-training loss", step)
             losses.append(loss.item())
             writer.add_scalar("losses/pretrain_dsm", loss.item(), step)
-        if (step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps:
+            rate_watch.tick(step, time.perf_counter())
+        stopping = guard is not None and guard.stop_requested and step + 1 < args.pretrain_steps
+        if stopping or ((step + 1) % args.pretrain_checkpoint_frequency == 0 and step + 1 < args.pretrain_steps):
             save_checkpoint(partial_path, {"step": step + 1, "losses": losses, "rng": rng_state(),
                                            **{key: module.state_dict() for key, module in resumable.items()}})
+        if stopping:
+            guard.stop(f"stopped pre-training at step {step + 1} of {args.pretrain_steps}, saved in {partial_path}: "
+                       "the same command continues it")
     policy.load_state_dict(ema.state_dict())
     return losses
 
 
-def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: Path, args: Args, writer) -> dict:
+def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: Path, args: Args, writer,
+                      guard: Optional[RunGuard] = None) -> dict:
     """Pre-trains on a forked RNG, so that a run that pre-trains and a later run that loads the file continue with
     the same random numbers, and saves the policy with its normalisers."""
     device = next(policy.parameters()).device
@@ -631,7 +656,7 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
     start = time.time()
     with torch.random.fork_rng():
         losses = pretrain(policy, obs_normalizer.normalize(chunks["obs"].to(device)),
-                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path)
+                          action_normalizer.normalize(chunks["actions"].to(device)), args, writer, partial_path, guard)
     meta = {"env_id": args.env_id, "obs_dim": chunks["obs"].shape[1], "action_dim": chunks["actions"].shape[1],
             "config": {field: getattr(args, field) for field in PRETRAIN_FIELDS}, "losses": losses,
             "seconds": time.time() - start}  # of this process, when an interrupted pre-training was continued
@@ -670,6 +695,7 @@ def check_args(args: Args):
             raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         if not all(x >= 0 if field.name in MAY_BE_ZERO else x > 0 for x in values):
             raise ValueError(f"{flag} must be {'at least 0' if field.name in MAY_BE_ZERO else 'positive'}, got {value}")
+    whole_iterations(args.total_timesteps, args.num_envs, args.num_steps, args.chunk_size)
     if args.exp_name in ("", ".", "..") or any(separator in args.exp_name for separator in "/\\"):
         raise ValueError(f"--exp-name {args.exp_name!r} must be a plain name: it names a folder under runs/")
     if len(set(args.actor_hidden)) != 1 or len(args.actor_hidden) % 2 == 0:
@@ -719,7 +745,11 @@ def new_run_dir(run_name: str) -> Path:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
-            continue
+            if path.is_dir():
+                continue
+            raise PermissionError(f"cannot create {path}/: a file of that name is in the way") from None
+        except OSError as error:
+            raise PermissionError(f"cannot create {path}/ ({error.strerror}): run from a folder you can write to") from None
     raise FileExistsError(f"runs/{run_name} and 999 suffixed folders exist already")
 
 
@@ -767,23 +797,30 @@ def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args,
 
 if __name__ == "__main__":
     args = parse_args()
+    guard = RunGuard()  # Ctrl-C saves what was done and says how to continue
     try:  # bad input ends here, before a run folder exists, with one message and exit code 2
         resume_state = None
         if args.resume is not None:
             resume_state = read_resume_state(args.resume, os.path.basename(__file__))
-            args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, resume=args.resume)
+            args = dataclasses.replace(Args(**resume_state["args"]), cuda=args.cuda, threads=args.threads,
+                                       resume=args.resume)
         check_args(args)
         check_ppo_args(args)
         dataset = load_dataset(args.env_id, args.dataset_source, args.dataset_path)
         chunks = make_chunk_transitions(dataset, args.chunk_size)
         pretrained_path = pretrained_checkpoint_path(args, dataset)
         pretrained = read_pretrained(pretrained_path, chunks, args)
-    except (ValueError, FileNotFoundError, DatasetError) as error:
+        if pretrained is None:
+            check_writable(pretrained_path.parent)
+        if resume_state:
+            check_writable(Path("runs") / resume_state["run_name"])
+        run_dir = (Path("runs") / resume_state["run_name"] if resume_state
+                   else new_run_dir(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    except (ValueError, DatasetError, OSError) as error:  # OSError: a missing file, a folder it cannot write
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    run_dir = (Path("runs") / resume_state["run_name"] if resume_state
-               else new_run_dir(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
-    run_name = run_dir.name
+    guard.run_dir, run_name = run_dir, run_dir.name
+    threads = set_threads(args.threads)
     # On resume, drop only what the interrupted process logged after its checkpoint's step.
     writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -803,7 +840,8 @@ if __name__ == "__main__":
     action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
     policy = DiffusionPolicy(obs_dim, action_dim, args).to(device)
     if pretrained is None:
-        pretrained = pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, pretrained_path, args, writer)
+        pretrained = pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, pretrained_path, args, writer,
+                                       guard)
     else:
         print(f"loaded the pre-trained policy from {pretrained_path}")
     policy.load_state_dict(pretrained["policy"])
@@ -832,8 +870,7 @@ if __name__ == "__main__":
 
     envs = make_vector_env(args, args.seed, args.num_envs)
     eval_envs = make_vector_env(args, args.seed + 100_000, args.num_envs, args.capture_video, run_name)
-    env_steps_per_iteration = args.num_envs * args.num_steps * args.chunk_size
-    num_iterations = math.ceil(args.total_timesteps / env_steps_per_iteration)
+    num_iterations = whole_iterations(args.total_timesteps, args.num_envs, args.num_steps, args.chunk_size)
     num_pairs = args.num_envs * args.num_steps * args.ft_denoising_steps
     minibatch_size = num_pairs // args.num_minibatches  # num_pairs % num_minibatches pairs of each pass sit out (DPPO)
 
@@ -849,8 +886,10 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     start_time = time.time() - timings["wall"]
-    progress = tqdm(range(start_iteration, num_iterations + 1), initial=start_iteration, total=num_iterations + 1)
-    for iteration in progress:
+    progress = tqdm(desc=f"fine-tuning {args.exp_name}", total=args.total_timesteps, initial=global_step,
+                    unit=" env steps", mininterval=5)
+    rate_watch = RateWatch("fine-tuning", "env steps", threads)
+    for iteration in range(start_iteration, num_iterations + 1):
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
             tic = time.perf_counter()
             results = {protocol: evaluate(eval_envs, policy, None, obs_normalizer, action_normalizer, args, device,
@@ -865,7 +904,8 @@ if __name__ == "__main__":
             for key in ("success_rate", "normalized_score", "episodic_return"):
                 writer.add_scalar(f"charts/{key}", scores[key], global_step)
             writer.flush()
-            progress.set_postfix(score=scores["normalized_score"], success=scores["success_rate"])
+            progress.set_postfix_str(f"evaluation at {global_step}: score {scores['normalized_score']:.1f}, "
+                                     f"success {scores['success_rate']:.2f}")
         if iteration == num_iterations:
             break
 
@@ -979,7 +1019,10 @@ if __name__ == "__main__":
         for key in ("env", "sampling", "critic", "ot", "actor", "eval"):
             writer.add_scalar(f"time/{key}", timings[key] / (iteration + 1), global_step)
 
-        if (iteration + 1) % args.checkpoint_frequency == 0 or iteration + 1 == num_iterations:  # ends resumable
+        progress.update(global_step - progress.n)
+        rate_watch.tick(global_step, timings["wall"] - timings["eval"])
+        stopping = guard.stop_requested and iteration + 1 < num_iterations
+        if (iteration + 1) % args.checkpoint_frequency == 0 or iteration + 1 == num_iterations or stopping:
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "script": os.path.basename(__file__), "args": vars(args), "run_name": run_name,
                 "iteration": iteration + 1, "global_step": global_step,
@@ -987,7 +1030,11 @@ if __name__ == "__main__":
                 **{key: module.state_dict() for key, module in checkpointed.items()},
             })
             writer.flush()
+        if stopping:
+            guard.stop(f"stopped after iteration {iteration + 1} of {num_iterations} ({global_step} env steps), "
+                       "checkpoint saved")
 
+    progress.close()
     timings["wall"] = time.time() - start_time
     iterations_run = max(1, num_iterations)
     summary = {
@@ -998,8 +1045,8 @@ if __name__ == "__main__":
         "time_per_iteration_s": {key: timings[key] / iterations_run for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    torch.save({"args": vars(args), "policy": policy.state_dict(), "obs_normalizer": obs_normalizer.state_dict(),
-                "action_normalizer": action_normalizer.state_dict()}, run_dir / f"{args.exp_name}.pt")
+    save_checkpoint(run_dir / f"{args.exp_name}.pt", {"args": vars(args), "policy": policy.state_dict(),
+                    "obs_normalizer": obs_normalizer.state_dict(), "action_normalizer": action_normalizer.state_dict()})
     print(json.dumps({k: summary[k] for k in ("pretrained", "final", "best", "env_steps", "wall_time_s", "SPS")}, indent=2))
     envs.close()
     eval_envs.close()

@@ -2,6 +2,7 @@
 folder, read its TensorBoard scalars, and run it in-process on bad input."""
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def bad_input_error(script: str, flags: list[str], cwd: Path, monkeypatch, capsy
     stderr, after checking the contract for bad input: exit code 2, one `error:` line, no traceback, no run folder."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [script, *flags])
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # keep pytest's Ctrl-C (RunGuard)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     assert exit_info.value.code == 2

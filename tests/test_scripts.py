@@ -1,11 +1,17 @@
 """otpr.py and idql_baseline.py end to end on Kitchen-Complete-v0 with a tiny budget (CPU, about two minutes)."""
 import json
+import os
+import re
+import runpy
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tests.e2e import bad_input_error, finish, kill_at_first_checkpoint, run_dir, scalars, start
+from tests.e2e import ROOT, bad_input_error, finish, kill_at_first_checkpoint, run_dir, scalars, start
 
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
@@ -231,6 +237,10 @@ BAD_INPUT = [
     (["--critic-lr", "inf"], "--critic-lr must be a finite number, got inf"),
     (["--actor-lr", "nan"], "--actor-lr must be a finite number, got nan"),
     (["--buffer-size", "100000000000"], "--buffer-size 100000000000 needs 58859.6 GiB for its rows, more than the"),
+    (["--total-timesteps", "1200"], "--total-timesteps 1200 is not a whole number of iterations of 560 env steps "
+                                    "(--num-envs 2 x --num-steps 70 decisions x --chunk-size 4 actions): use 1120 or 1680"),
+    (["--pretrained-dir", "notes.txt"], "cannot create notes.txt/: a file of that name is in the way"),
+    (["--threads", "-1"], "--threads must be at least 0"),
 ]
 
 
@@ -242,6 +252,64 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     (tmp_path / "old_run").mkdir()
     torch.save({"script": script, "torch_rng": torch.get_rng_state()}, tmp_path / "old_run" / "checkpoint.pt")
     assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_message(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").write_text("a file where the runs/ folder goes")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["otpr.py", "--pretrain-steps", "1", "--pretrained-dir", "pretrained"])
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # keep pytest's Ctrl-C (RunGuard)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "otpr.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot create runs/Kitchen-Complete-v0__otpr__1__") and "Not a directory" in error
+    assert len(error.strip().splitlines()) == 1 and (tmp_path / "runs").is_file()
+
+
+def interrupt_when(script: str, args: list[str], cwd, printed: str, timeout: float = 300) -> tuple[int, str]:
+    """Starts the script in a process group of its own and sends Ctrl-C to the group, as a terminal does (the env
+    workers get it too), once its output holds `printed`; returns the exit code and the output."""
+    log = cwd / f"{args[args.index('--exp-name') + 1]}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, stdout=output,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   start_new_session=True)
+        for _ in range(int(timeout / 0.1)):
+            if printed in log.read_text():
+                break
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=120)
+    return process.returncode, log.read_text()
+
+
+def test_ctrl_c_saves_what_was_done_and_says_how_to_continue(workdir):
+    """Fine-tuning: stops after the running iteration with a resumable checkpoint, and --resume finishes the run.
+    Pre-training: keeps the steps done in the partial file, which the same command continues; no run folder is left
+    that nothing could resume."""
+    cwd = workdir[0]
+    args = TINY + OTPR_TINY + ["--exp-name", "ctrl_c", "--total-timesteps", "800", "--checkpoint-frequency", "100"]
+    returncode, output = interrupt_when("otpr.py", args, cwd, "evaluation at 0:")  # the env workers are running
+    folder = run_dir(cwd, "ctrl_c")
+    assert returncode == 130 and "Traceback" not in output, output
+    assert output.count("stopping at the next safe point") == 1  # the env workers leave Ctrl-C to the run
+    assert re.search(rf"^stopped after iteration \d+ of 10 \(\d+ env steps\), checkpoint saved; continue with: "
+                     rf"python otpr.py --resume runs/{folder.name}$", output, re.MULTILINE), output
+    saved = torch.load(folder / "checkpoint.pt", weights_only=False)
+    assert 1 <= saved["iteration"] < 10
+    finish(start("otpr.py", ["--resume", str(folder)], cwd))
+    assert json.loads((folder / "summary.json").read_text())["iterations"] == 10
+
+    args = TINY + ["--exp-name", "ctrl_c_bc", "--pretrain-steps", "100000", "--pretrained-dir", "pretrained_ctrl_c"]
+    returncode, output = interrupt_when("idql_baseline.py", args, cwd, "pre-training:")
+    assert returncode == 130 and "Traceback" not in output, output
+    match = re.search(r"stopped pre-training at step (\d+) of 100000, saved in (\S+\.partial\.pt): the same command "
+                      r"continues it", output)
+    assert match, output
+    assert torch.load(cwd / match.group(2), weights_only=False)["step"] == int(match.group(1)) > 0
+    assert not list((cwd / "runs").glob("*__ctrl_c_bc__*"))
 
 
 class RunsCode:

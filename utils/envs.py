@@ -6,7 +6,9 @@ import atexit
 import contextlib
 import difflib
 import importlib.util
+import multiprocessing
 import os
+import signal
 import sys
 import types
 import weakref
@@ -701,6 +703,12 @@ def make_env(
     """
 
     def thunk() -> gym.Env:
+        if multiprocessing.parent_process() is not None:
+            # a worker of AsyncVectorEnv, forked with the run's signal handlers: Ctrl-C reaches the whole process
+            # group, and the run's own process stops cleanly (utils/runtime.py RunGuard), then ends this worker
+            # with SIGTERM
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         record = capture_video and idx == 0
         if is_pixels(env_id):
             _request_headless_rendering()

@@ -1,0 +1,146 @@
+"""utils/runtime.py, the plumbing every script shares: the thread default, the slow-down warning, the budget of whole
+iterations, the run folder's guard, and a checkpoint write that fails cleanly."""
+import errno
+import importlib
+import signal
+
+import pytest
+import torch
+
+from utils.runtime import RateWatch, RunGuard, check_writable, choose_threads, whole_iterations
+
+SCRIPTS = ["otpr", "idql_baseline", "dql_baseline", "qsm_baseline", "dppo_baseline", "otpr_pixels"]
+
+
+def test_thread_default_leaves_the_cores_other_processes_use():
+    assert choose_threads(0, usable_cores=2, busy_cores=0.1, omp_num_threads=None) == 2  # idle: every core
+    assert choose_threads(0, usable_cores=2, busy_cores=1.0, omp_num_threads=None) == 1  # one busy process
+    assert choose_threads(0, usable_cores=2, busy_cores=3.7, omp_num_threads=None) == 1  # never fewer than one
+    assert choose_threads(0, usable_cores=16, busy_cores=4.2, omp_num_threads=None) == 12
+    assert choose_threads(0, usable_cores=2, busy_cores=0.0, omp_num_threads="1") == 1  # utils.benchmark's jobs
+    assert choose_threads(0, usable_cores=2, busy_cores=0.0, omp_num_threads="many") == 2  # not a number: ignored
+    assert choose_threads(3, usable_cores=2, busy_cores=2.0, omp_num_threads="1") == 3  # --threads wins
+
+
+def test_rate_watch_warns_once_when_the_rate_falls_below_a_third_of_its_best(capsys):
+    watch = RateWatch("pre-training", "steps", threads=2, window_s=10)
+    assert watch.tick(0, 0.0) is None
+    for second in range(10, 60, 10):  # a steady 100 steps/s, then 40 (above a third): no warning
+        assert watch.tick(100 * second, second) is None
+    assert watch.tick(5000 + 400, 60) is None
+    warning = watch.tick(5400 + 300, 70)  # 30 steps/s
+    assert "slowed from 100.0 to 30.0 steps/s" in warning and "--threads 1" in warning
+    assert "slowed" in capsys.readouterr().err
+    assert watch.tick(5700 + 10, 80) is None  # once only
+    single = RateWatch("fine-tuning", "env steps", threads=1, window_s=1)
+    for count, second in ((0, 0), (100, 1), (110, 2)):
+        message = single.tick(count, second)
+    assert "free the cores" in message and "--threads" not in message
+
+
+def test_a_budget_of_partial_iterations_is_refused_with_the_nearest_whole_ones():
+    assert whole_iterations(50400, num_envs=2, num_steps=70, chunk_size=4) == 90
+    assert whole_iterations(0, num_envs=2, num_steps=70, chunk_size=4) == 0
+    with pytest.raises(ValueError, match=r"--total-timesteps 1200 is not a whole number of iterations of 560 env "
+                                         r"steps .*: use 1120 or 1680"):
+        whole_iterations(1200, num_envs=2, num_steps=70, chunk_size=4)
+    with pytest.raises(ValueError, match=r"use 560$"):
+        whole_iterations(100, num_envs=2, num_steps=70, chunk_size=4)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_default_budget_is_whole_iterations_of_every_task(script, monkeypatch):
+    module = importlib.import_module(script)
+    env_ids = ["Kitchen-Complete-v0", *module.TASK_DEFAULTS]
+    for env_id in env_ids:
+        monkeypatch.setattr("sys.argv", [script, "--env-id", env_id])
+        args = module.parse_args()
+        assert whole_iterations(args.total_timesteps, args.num_envs, args.num_steps, args.chunk_size) > 0, env_id
+
+
+def test_check_writable_names_the_folder_in_the_way(tmp_path):
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    with pytest.raises(PermissionError, match="cannot create .*blocked/sub/"):
+        check_writable(tmp_path / "blocked" / "sub")
+    check_writable(tmp_path / "fresh" / "nested")
+    assert (tmp_path / "fresh" / "nested").is_dir()
+
+
+@pytest.fixture
+def guard():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield RunGuard()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_the_guard_removes_only_a_run_folder_nothing_can_resume_or_read(guard, tmp_path):
+    for name, kept in (("events_only", False), ("checkpointed", True), ("summarised", True)):
+        guard.run_dir = tmp_path / name
+        guard.run_dir.mkdir()
+        (guard.run_dir / "events.out.tfevents.1").write_text("")
+        if name == "checkpointed":
+            (guard.run_dir / "checkpoint.pt").write_text("")
+        if name == "summarised":
+            (guard.run_dir / "summary.json").write_text("{}")
+        guard._remove_stub()
+        assert guard.run_dir.exists() == kept, name
+
+
+def test_the_first_signal_asks_the_second_stops_with_the_resume_command(guard, tmp_path, capsys):
+    guard.run_dir = tmp_path / "run"
+    guard.run_dir.mkdir()
+    (guard.run_dir / "checkpoint.pt").write_text("")
+    signal.raise_signal(signal.SIGINT)
+    assert guard.stop_requested
+    with pytest.raises(SystemExit) as exit_info:
+        signal.raise_signal(signal.SIGTERM)
+    assert exit_info.value.code == 130
+    error = capsys.readouterr().err
+    assert "stopping at the next safe point" in error
+    assert "stopped at once; continue with: python " in error and error.rstrip().endswith(f"--resume {guard.run_dir}")
+
+
+# A full disk as Python's own writes report it, and as torch's zip writer does (seen on a full 3 MB tmpfs)
+DISK_FULL = [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+             (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 451072 vs 450976"),
+              "[enforce fail at inline_container.cc:672] . unexpected pos")]
+
+
+@pytest.mark.parametrize("failure, reason", DISK_FULL, ids=["oserror", "zip_writer"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint_intact(script, failure, reason, tmp_path,
+                                                                                      monkeypatch, capsys):
+    module = importlib.import_module(script)
+    path = tmp_path / "checkpoint.pt"
+    module.save_checkpoint(path, {"iteration": 1})
+
+    def disk_full(state, file):
+        with open(file, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        module.save_checkpoint(path, {"iteration": 2})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: could not write {path} ({reason}") and "MiB free there" in error
+    assert len(error.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no checkpoint.tmp
+    monkeypatch.undo()
+    assert module.load_checkpoint(path) == {"iteration": 1}
+
+
+def test_every_sweep_line_is_a_run_the_script_accepts(monkeypatch):
+    """docs/sweeps/*.txt are run by `utils.benchmark queue` for hours: a flag or a budget its script refuses should
+    fail here, not after the runs before it."""
+    from pathlib import Path
+
+    lines = [line.split() for sweep in sorted(Path("docs/sweeps").glob("*.txt"))
+             for line in sweep.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) > 20
+    for script, *flags in lines:
+        module = importlib.import_module(Path(script).stem)
+        monkeypatch.setattr("sys.argv", [script, *flags])
+        module.check_args(module.parse_args())

@@ -1,0 +1,132 @@
+"""The plumbing of a run's process that no reader of a method needs: how many CPU threads torch uses, a warning when
+the run slows down because another process takes its cores, a clean stop on Ctrl-C, and a budget of whole
+iterations. Every script imports it; nothing here knows an algorithm.
+"""
+import atexit
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+
+# ------------------------------------------------------------------------------------------------------- threads
+def choose_threads(requested: int, usable_cores: int, busy_cores: float, omp_num_threads: Optional[str]) -> int:
+    """The torch thread count of a run. `requested` > 0 is taken as given. With 0 (the default): OMP_NUM_THREADS when
+    it is set (utils.benchmark sets it for its jobs), else the cores that other processes leave idle (the 1-minute
+    load average, rounded), at least one.
+
+    Why not all cores: torch's CPU threads spin while they wait on each other. When another process holds one of
+    the cores they spin on, each step waits for the scheduler; measured on the 2-core machine (docs/speed.md), a
+    pre-training step went from 173 it/s (2 threads, idle) to 55 it/s (2 threads, one busy process) where one thread
+    kept 94 it/s."""
+    if requested > 0:
+        return requested
+    if omp_num_threads and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
+        return int(omp_num_threads)
+    return max(1, usable_cores - round(busy_cores))
+
+
+def set_threads(requested: int) -> int:
+    """Sets and returns the run's torch thread count (choose_threads, from this machine)."""
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy_cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = choose_threads(requested, usable_cores, busy_cores, os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class RateWatch:
+    """Warns once when a loop's rate over the last `window_s` seconds falls below a third of its best window: the sign
+    that another process took a core this run's threads spin on (choose_threads)."""
+
+    def __init__(self, what: str, unit: str, threads: int, window_s: float = 30.0):
+        self.what, self.unit, self.threads, self.window_s = what, unit, threads, window_s
+        self.best, self.warned, self.start = 0.0, False, None
+
+    def tick(self, count: float, seconds: float):
+        """`count` done after `seconds` of the loop's own time (both cumulative); returns the warning, once."""
+        if self.start is None:
+            self.start = (count, seconds)
+            return None
+        if seconds - self.start[1] < self.window_s:
+            return None
+        rate = (count - self.start[0]) / (seconds - self.start[1])
+        self.start = (count, seconds)
+        self.best = max(self.best, rate)
+        if self.warned or rate >= self.best / 3:
+            return None
+        self.warned = True
+        remedy = (f"with {self.threads} threads torch waits on each other's cores: stop with Ctrl-C and continue with "
+                  "--threads 1 (or free the cores)" if self.threads > 1 else "free the cores to go back to full speed")
+        message = (f"warning: {self.what} slowed from {self.best:.1f} to {rate:.1f} {self.unit}/s: another process "
+                   f"is using this machine's cores; {remedy}")
+        tqdm.write(message, file=sys.stderr)
+        return message
+
+
+# --------------------------------------------------------------------------------------------- stopping cleanly
+class RunGuard:
+    """A run's stop and its folder. Ctrl-C (SIGINT) or SIGTERM: the first asks the run to stop at its next safe point
+    (the loops check `stop_requested`, save what they have and call `stop`); the second stops at once, keeping the last
+    checkpoint. Either way: no traceback, exit code 130. At exit, however the process ends, a run folder that holds
+    neither a checkpoint nor a summary is removed: nothing could resume or read it."""
+
+    def __init__(self):
+        self.stop_requested = False
+        self.run_dir: Optional[Path] = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        atexit.register(self._remove_stub)
+
+    def _handle(self, signum, frame):
+        if self.stop_requested:
+            self.stop("stopped at once")
+        self.stop_requested = True
+        tqdm.write("\nstopping at the next safe point to save what was done (Ctrl-C again stops at once, keeping the "
+                   "last checkpoint)", file=sys.stderr)
+
+    def resumable(self) -> bool:
+        return self.run_dir is not None and (self.run_dir / "checkpoint.pt").exists()
+
+    def _remove_stub(self):
+        if self.run_dir is not None and not self.resumable() and not (self.run_dir / "summary.json").exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def stop(self, message: str):
+        """Ends the process with `message` and, when the run can continue, the command that continues it."""
+        if self.resumable():
+            message += f"; continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
+        tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
+        raise SystemExit(130)
+
+
+def check_writable(folder: Path):
+    """Creates `folder` if needed; PermissionError saying what to do when this process cannot write there."""
+    if folder.exists() and not folder.is_dir():
+        raise PermissionError(f"cannot create {folder}/: a file of that name is in the way")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"cannot create {folder}/ ({error.strerror}): run from a folder you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {folder}/: run from a folder you can write to")
+
+
+# -------------------------------------------------------------------------------------------------------- budget
+def whole_iterations(total_timesteps: int, num_envs: int, num_steps: int, chunk_size: int) -> int:
+    """The iterations --total-timesteps buys; ValueError naming the nearest budgets when it is not a whole number of
+    them (an iteration is num_envs x num_steps decisions of chunk_size env steps)."""
+    per_iteration = num_envs * num_steps * chunk_size
+    if total_timesteps % per_iteration == 0:
+        return total_timesteps // per_iteration
+    lower = total_timesteps // per_iteration * per_iteration
+    nearest = " or ".join(str(budget) for budget in (lower, lower + per_iteration) if budget > 0)
+    raise ValueError(f"--total-timesteps {total_timesteps} is not a whole number of iterations of {per_iteration} env "
+                     f"steps (--num-envs {num_envs} x --num-steps {num_steps} decisions x --chunk-size {chunk_size} "
+                     f"actions): use {nearest}")
+
