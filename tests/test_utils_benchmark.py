@@ -262,3 +262,38 @@ def test_queue_reports_failed_lines_and_refuses_lines_it_could_not_find_again(tm
         main(["queue", str(sweep)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: queue line 'fake.py --env-id Env-v0 --seed 1' does not give --exp-name")
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])
+def test_speed_shows_its_progress_and_removes_its_folder_when_stopped(tmp_path, how):
+    """Ctrl-C reaches the measured run too (one process group); SIGTERM reaches the benchmark alone. Either way the
+    temporary run folder is gone and what it printed says what it was doing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [sys.executable, "-m", "utils.benchmark", "speed", "--num-envs", "1", "--pretrain-steps", "100000",
+               "--", "--actor-hidden", "64", "64", "64", "--num-steps", "10"]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], text=True, start_new_session=True,
+                               env={**os.environ, "TMPDIR": str(temporary), "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(1200):  # until the measured run writes its pre-training progress
+        if list(temporary.glob("speed_*/runs/*/events.*")):
+            break
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.1)
+    time.sleep(2)
+    if how == "ctrl_c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.terminate()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0
+    assert "speed: otpr.py on cpu, 100000 pre-training steps, then 4 iterations of 40 env steps" in output
+    assert "pre-training" in output  # the script's own progress
+    assert not list(temporary.glob("speed_*"))  # (torch may leave its own cache there)

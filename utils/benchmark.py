@@ -31,6 +31,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -483,12 +484,17 @@ def speed(script: str = "otpr.py", device: str = "cpu", num_envs: int = 2, itera
                "--eval-episodes", str(num_envs), "--eval-frequency", str(10**9), "--pretrain-steps", str(pretrain_steps),
                "--pretrain-checkpoint-frequency", str(10**9), "--checkpoint-frequency", "1",
                *(["--no-cuda"] if device == "cpu" else []), *extra]
+    # Removed however this ends: Ctrl-C stops the run (it shares the process group), and SIGTERM unwinds as Ctrl-C does
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="speed_") as workdir:
-        subprocess.run(command, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"speed: {script} on {device}, {pretrain_steps} pre-training steps, then {iterations} iterations of "
+              f"{steps_per_iteration} env steps (in {workdir}; its progress below)", file=sys.stderr, flush=True)
+        subprocess.run(command, cwd=workdir, check=True, stdout=subprocess.DEVNULL)  # the script's progress: stderr
         ((run_dir, summary),) = load_summaries(Path(workdir) / "runs")
         (pretrained,) = (Path(workdir) / "runs" / "pretrained").glob("*.pt")
         meta = torch.load(pretrained, weights_only=False)["meta"]
         run_args = module.Args(**torch.load(run_dir / "checkpoint.pt", weights_only=False)["args"])
+    signal.signal(signal.SIGTERM, previous_handler)
     phases = dict(summary["time_per_iteration_s"])
     train_seconds = summary["wall_time_s"] - phases.pop("eval") * summary["iterations"]
     if phases.get("ot", 0) > 0:  # the OT phase, in its place, split in two
@@ -496,6 +502,7 @@ def speed(script: str = "otpr.py", device: str = "cpu", num_envs: int = 2, itera
         split = {"OT cost matrix": cost, "OT fit": max(0.0, phases["ot"] - cost)}
         phases = {k: v for key, value in phases.items() for k, v in (split.items() if key == "ot" else [(key, value)])}
     phases.pop("ot", None)
+    print(f"speed: {env_seconds:.0f} s of env-only stepping", file=sys.stderr, flush=True)
     result = {"script": script, "device": device, "num_envs": num_envs, "iterations": summary["iterations"],
               "env_only_sps": env_only_sps(summary["env_id"], num_envs, run_args.chunk_size, env_seconds),
               "training_sps": summary["env_steps"] / train_seconds, "seconds_per_iteration": phases,
