@@ -297,3 +297,46 @@ def test_speed_shows_its_progress_and_removes_its_folder_when_stopped(tmp_path, 
     assert "speed: otpr.py on cpu, 100000 pre-training steps, then 4 iterations of 40 env steps" in output
     assert "pre-training" in output  # the script's own progress
     assert not list(temporary.glob("speed_*"))  # (torch may leave its own cache there)
+
+
+STOPPABLE_SCRIPT = """import signal, sys, time
+from pathlib import Path
+signals = []
+signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
+Path({ready!r} + sys.argv[-1]).write_text("")
+while not signals:
+    time.sleep(0.01)
+time.sleep(0.5)  # a second SIGINT within this would be the run's "stop at once"
+Path({record!r} + sys.argv[-1]).write_text(str(len(signals)))
+raise SystemExit(130)
+"""
+
+
+@pytest.mark.parametrize("command", ["queue", "run"])
+def test_ctrl_c_asks_each_running_run_once_to_stop_and_waits_for_it(tmp_path, command):
+    """The runs are in sessions of their own: the terminal's Ctrl-C reaches the tool, which passes one SIGINT to each
+    run (a run stops at its next safe point on the first, at once on the second) and waits for them to save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "stoppable.py").write_text(STOPPABLE_SCRIPT.format(ready=str(tmp_path / "ready_"),
+                                                                   record=str(tmp_path / "signals_")))
+    (tmp_path / "sweep.txt").write_text("stoppable.py --env-id Env-v0 --exp-name a --seed 1\n"
+                                        "stoppable.py --env-id Env-v0 --exp-name b --seed 2\n")
+    arguments = (["queue", "sweep.txt", "--parallel", "2"] if command == "queue"
+                 else ["run", "--scripts", "stoppable.py", "--seeds", "1", "2", "--parallel", "2"])
+    tool = subprocess.Popen([sys.executable, "-m", "utils.benchmark", *arguments, "--poll", "0.05"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                            start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        if len(list(tmp_path.glob("ready_*"))) == 2:
+            break
+        time.sleep(0.05)
+    os.killpg(tool.pid, signal.SIGINT)  # the terminal's Ctrl-C: the tool's group only
+    output = tool.communicate(timeout=60)[0]
+    assert "stopping 2 running run(s) at their next safe point" in output
+    assert sorted(path.read_text() for path in tmp_path.glob("signals_*")) == ["1", "1"], output

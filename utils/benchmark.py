@@ -18,6 +18,9 @@ time; the same command started again skips the lines whose run finished (summary
 interrupted (`--resume` from their checkpoint.pt): a sweep longer than a session. Logs go to
 runs/benchmark_logs/<env id>__<exp name>__<seed>.log.
 
+Ctrl-C during `run` or `queue` asks each running run once to stop at its next safe point, where it saves a checkpoint
+(a run's own Ctrl-C handling, utils/runtime.py), and waits for them; a second Ctrl-C makes them stop at once.
+
 `report` prints one row per run (every <root>/*/summary.json), then one row per (env id, exp name) aggregated over
 its seeds, then each run's score at every evaluation. `plot` draws success rate and normalized score over env steps,
 one line per exp name (mean over seeds, band from the min to the max over seeds).
@@ -53,6 +56,32 @@ def job_environment(threads: int) -> dict:
     are live (and the pre-trained marker shows as soon as it is printed)."""
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
     return {**os.environ, **{name: str(threads) for name in thread_vars}, "PYTHONUNBUFFERED": "1"}
+
+
+def start_job(command: list[str], handle, env: dict) -> subprocess.Popen:
+    """A run in a session of its own: Ctrl-C at the terminal reaches this tool alone, which passes it on once
+    (stop_jobs), so that each run is asked to stop exactly once and saves its checkpoint."""
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_jobs(processes: Sequence[subprocess.Popen]) -> None:
+    """Ctrl-C (or an error) here: asks every running run to stop at its next safe point, as Ctrl-C does (it saves a
+    checkpoint that the same sweep resumes), and waits for them; a second Ctrl-C makes them stop at once."""
+    alive = [process for process in processes if process.poll() is None]
+    if alive:
+        print(f"stopping {len(alive)} running run(s) at their next safe point, with a checkpoint (Ctrl-C again stops "
+              "them at once)", file=sys.stderr, flush=True)
+    for process in alive:
+        process.send_signal(signal.SIGINT)
+    try:
+        for process in alive:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in alive:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in alive:
+            process.wait()
 
 
 def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], parallel: int | None = None,
@@ -91,7 +120,7 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
     def start(job) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(job['command'])}  (log: {job['log']})", flush=True)
         job["handle"] = job["log"].open("w")
-        job["process"] = subprocess.Popen(job["command"], stdout=job["handle"], stderr=subprocess.STDOUT, env=env)
+        job["process"] = start_job(job["command"], job["handle"], env)
         job["state"], job["start"] = "running", time.time()
 
     try:
@@ -118,9 +147,7 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
             if any(job["state"] in ("pending", "running") for job in jobs):
                 time.sleep(poll_s)
     except BaseException:  # Ctrl-C or an error here: do not leave the jobs this call started running unattended
-        for job in jobs:
-            if job["state"] == "running":
-                job["process"].terminate()
+        stop_jobs([job["process"] for job in jobs if job["state"] == "running"])
         raise
     failed = [" ".join(job["command"]) for job in jobs if job["state"] in ("failed", "skipped")]
     if failed:
@@ -177,12 +204,10 @@ def queue(path: Path, parallel: int = 1, threads: int = 1, runs_root: Path = Pat
                 command, log = pending.pop(0)
                 print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(command)}  (log: {log})", flush=True)
                 handle = log.open("a")
-                running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle,
-                                command))
+                running.append((start_job(command, handle, env), handle, command))
             time.sleep(poll_s if running else 0)
-    except BaseException:  # Ctrl-C: stop the runs this call started (each keeps its last checkpoint)
-        for process, _, _ in running:
-            process.terminate()
+    except BaseException:  # Ctrl-C: stop the runs this call started, each with a checkpoint the next call resumes
+        stop_jobs([process for process, _, _ in running])
         raise
     if failed:
         raise SystemExit(f"failed: {failed} (see {logs})")
