@@ -1351,8 +1351,9 @@ if __name__ == "__main__":
     obs, _ = envs.reset(seed=args.seed + start_iteration)
     episode_return = np.zeros(args.num_envs)
     start_time = time.time() - timings["wall"]
+    # the time left from the average rate since the start, evaluations included (smoothing=0): the job's time left
     progress = tqdm(desc=f"fine-tuning {args.exp_name}", total=args.total_timesteps, initial=global_step,
-                    unit=" env steps", mininterval=5)
+                    unit=" env steps", mininterval=5, smoothing=0)
     rate_watch = RateWatch("fine-tuning", "env steps", threads)
     for iteration in range(start_iteration, num_iterations + 1):
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
