@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_dataset
 from utils.envs import make_env
-from utils.runtime import RateWatch, RunGuard, check_writable, set_threads, whole_iterations
+from utils.runtime import (RateWatch, RunGuard, check_writable, save_checkpoint, save_summary, set_threads,
+                           whole_iterations)
 
 
 @dataclass
@@ -511,24 +511,6 @@ class CudaGraph:
 # ----------------------------------------------------------------------------------------------------------------
 # Behaviour-cloning pre-training, shared by every method through one checkpoint file
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, state: dict):
-    """Writes `state` to a temporary file, then renames it: an interrupted or failed save (a full disk) never damages
-    the last checkpoint, and leaves no temporary file behind."""
-    try:
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-    except BaseException as error:
-        path.with_suffix(".tmp").unlink(missing_ok=True)
-        if not isinstance(error, Exception):  # Ctrl-C or exit: not a failed write
-            raise
-        # a full disk surfaces as OSError or as torch's zip writer's RuntimeError ("unexpected pos ...")
-        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
-        free_mib = shutil.disk_usage(path.parent).free / 2**20
-        tqdm.write(f"error: could not write {path} ({reason[:120]}; {free_mib:.0f} MiB free there): free disk space "
-                   "or make the folder writable; the files written before are intact", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 # A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
 # torch.load unpickles only these (weights_only, with NumPy's array and scalar types allowed), so a crafted file is
 # refused instead of running code.
@@ -638,7 +620,8 @@ def pretrain(policy, dataset_obs, dataset_actions, args: Args, writer, partial_p
 
     bc_update = CudaGraph(bc_step, args.cuda_graphs and dataset_obs.device.type == "cuda")
     rate_watch = RateWatch("pre-training", "steps", torch.get_num_threads())
-    for step in tqdm(range(start, args.pretrain_steps), "pre-training", args.pretrain_steps, initial=start, mininterval=5):
+    label = f"pre-training, then fine-tuning {args.total_timesteps} env steps"
+    for step in tqdm(range(start, args.pretrain_steps), label, args.pretrain_steps, initial=start, mininterval=5):
         idx = torch.randint(len(dataset_obs), (args.pretrain_batch_size,), device=dataset_obs.device)
         lr.fill_(args.pretrain_lr * schedule(step))
         loss = bc_update(dataset_obs[idx], dataset_actions[idx])
@@ -1002,9 +985,9 @@ if __name__ == "__main__":
         "SPS": global_step / timings["wall"],
         "time_per_iteration_s": {key: timings[key] / iterations_run for key in ("env", "sampling", "critic", "ot", "actor", "eval")},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     save_checkpoint(run_dir / f"{args.exp_name}.pt", {"args": vars(args), "policy": policy.state_dict(),
                     "obs_normalizer": obs_normalizer.state_dict(), "action_normalizer": action_normalizer.state_dict()})
+    save_summary(run_dir / "summary.json", summary)  # last: a summary says the run finished
     print(json.dumps({k: summary[k] for k in ("pretrained", "final", "best", "env_steps", "wall_time_s", "SPS")}, indent=2))
     envs.close()
     eval_envs.close()

@@ -1,12 +1,18 @@
 """utils/runtime.py, the plumbing every script shares: the thread default, the slow-down warning, the budget of whole
-iterations, the run folder's guard, and a checkpoint write that fails cleanly."""
+iterations, the run folder's guard, and file writes that fail cleanly, a full disk anywhere included."""
 import errno
 import importlib
+import json
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+from utils import runtime
 from utils.runtime import RateWatch, RunGuard, check_writable, choose_threads, whole_iterations
 
 SCRIPTS = ["otpr", "idql_baseline", "dql_baseline", "qsm_baseline", "dppo_baseline", "otpr_pixels"]
@@ -107,29 +113,95 @@ DISK_FULL = [(OSError(errno.ENOSPC, "No space left on device"), "No space left o
               "[enforce fail at inline_container.cc:672] . unexpected pos")]
 
 
-@pytest.mark.parametrize("failure, reason", DISK_FULL, ids=["oserror", "zip_writer"])
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint_intact(script, failure, reason, tmp_path,
-                                                                                      monkeypatch, capsys):
-    module = importlib.import_module(script)
-    path = tmp_path / "checkpoint.pt"
-    module.save_checkpoint(path, {"iteration": 1})
+WRITERS = {"checkpoint": (runtime.save_checkpoint, "checkpoint.pt", lambda path: torch.load(path, weights_only=True)),
+           "summary": (runtime.save_summary, "summary.json", lambda path: json.loads(path.read_text()))}
 
-    def disk_full(state, file):
-        with open(file, "wb") as f:
-            f.write(b"half a checkpoint")
+
+@pytest.mark.parametrize("failure, reason", DISK_FULL, ids=["oserror", "zip_writer"])
+@pytest.mark.parametrize("what", WRITERS)
+def test_a_failed_write_is_one_line_and_leaves_the_file_written_before_intact(what, failure, reason, tmp_path,
+                                                                              monkeypatch, capsys):
+    save, name, read = WRITERS[what]
+    path = tmp_path / name
+    save(path, {"iteration": 1})
+
+    def disk_full(temporary):
+        temporary.write_bytes(b"half a file")
         raise failure
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    original = runtime.write_atomically
+    monkeypatch.setattr(runtime, "write_atomically", lambda path_, write: original(path_, disk_full))
     with pytest.raises(SystemExit) as exit_info:
-        module.save_checkpoint(path, {"iteration": 2})
+        save(path, {"iteration": 2})
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: could not write {path} ({reason}") and "MiB free there" in error
     assert len(error.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no checkpoint.tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no .tmp left
     monkeypatch.undo()
-    assert module.load_checkpoint(path) == {"iteration": 1}
+    assert read(path) == {"iteration": 1}
+
+
+def test_two_processes_writing_one_file_do_not_mix_their_bytes(tmp_path, monkeypatch):
+    """Two runs of one seed pre-train the same shared file at once: the second's whole write, made while the first's is
+    under way, must not end in the first's temporary file."""
+    path = tmp_path / "pretrained.pt"
+    first = {"weights": torch.arange(100_000)}
+
+    def write_while_another_process_writes(temporary):
+        torch.save(first, temporary)  # written, not yet renamed, when the other process writes the file whole
+        monkeypatch.setattr(runtime.os, "getpid", lambda: 1)
+        runtime.save_checkpoint(path, {"weights": torch.zeros(3)})
+        monkeypatch.undo()
+
+    runtime.write_atomically(path, write_while_another_process_writes)  # the last rename wins, whole
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], first["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrained.pt"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_writes_its_checkpoints_and_summary_through_the_atomic_writes(script):
+    module = importlib.import_module(script)
+    assert module.save_checkpoint is runtime.save_checkpoint and module.save_summary is runtime.save_summary
+    source = open(f"{script}.py").read()
+    assert "summary.json\").write_text" not in source and "torch.save(" not in source
+
+
+def test_a_full_disk_anywhere_in_a_run_is_one_line_with_the_resume_command(tmp_path):
+    """TensorBoard writes its event file from a thread of its own: a full disk there must not print the thread's
+    traceback, and must end the run with one line, exit code 2 and the command that continues it."""
+    run_dir = tmp_path / "runs" / "a_run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"a checkpoint")
+    program = textwrap.dedent(f"""
+        import errno, sys
+        from pathlib import Path
+        from torch.utils.tensorboard import SummaryWriter
+        from utils.runtime import RunGuard
+        guard = RunGuard()
+        guard.run_dir = Path({str(run_dir)!r})
+        writer = SummaryWriter({str(run_dir)!r})
+        def disk_full(data):
+            raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")
+        writer._get_file_writer().event_writer._general_file_writer.write = disk_full
+        for step in range(100):
+            writer.add_scalar("x", step, step)
+            writer.flush()
+        print("never reached")
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).parents[1]))
+    assert done.returncode == 2, done.stderr
+    assert "never reached" not in done.stdout and "Traceback" not in done.stderr and "Exception in thread" not in done.stderr
+    assert done.stderr.strip() == ("error: the disk is full (No space left on device writing events.out.tfevents): "
+                                   f"free disk space, then continue with: python -c --resume {run_dir}")
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"a checkpoint"
+
+
+def test_other_errors_keep_their_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "from utils.runtime import RunGuard; RunGuard(); 1 / 0"],
+                          capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[1]))
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
 
 
 def test_every_sweep_line_is_a_run_the_script_accepts(monkeypatch):

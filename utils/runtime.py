@@ -1,14 +1,18 @@
 """The plumbing of a run's process that no reader of a method needs: how many CPU threads torch uses, a warning when
-the run slows down because another process takes its cores, a clean stop on Ctrl-C, and a budget of whole
-iterations. Every script imports it; nothing here knows an algorithm.
+the run slows down because another process takes its cores, a clean stop on Ctrl-C or a full disk, files written so
+that a failed write never damages the last good one, and a budget of whole iterations. Every script imports it;
+nothing here knows an algorithm.
 """
 import atexit
+import errno
+import json
 import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -70,18 +74,42 @@ class RateWatch:
 
 
 # --------------------------------------------------------------------------------------------- stopping cleanly
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class RunGuard:
     """A run's stop and its folder. Ctrl-C (SIGINT) or SIGTERM: the first asks the run to stop at its next safe point
     (the loops check `stop_requested`, save what they have and call `stop`); the second stops at once, keeping the last
-    checkpoint. Either way: no traceback, exit code 130. At exit, however the process ends, a run folder that holds
-    neither a checkpoint nor a summary is removed: nothing could resume or read it."""
+    checkpoint. Either way: no traceback, exit code 130. A full disk wherever the run writes (TensorBoard's event file
+    from its writer thread, a video) ends it with one line and exit code 2, keeping the last checkpoint. At exit,
+    however the process ends, a run folder that holds neither a checkpoint nor a summary is removed: nothing could
+    resume or read it."""
 
     def __init__(self):
         self.stop_requested = False
         self.run_dir: Optional[Path] = None
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
+        self._excepthook, self._thread_excepthook = sys.excepthook, threading.excepthook
+        sys.excepthook, threading.excepthook = self._report, self._report_thread
         atexit.register(self._remove_stub)
+
+    def _report(self, kind, error, traceback):
+        if not is_disk_full(error):
+            return self._excepthook(kind, error, traceback)
+        where = f" writing {error.filename}" if error.filename else ""
+        message = f"error: the disk is full ({error.strerror}{where}): free disk space"
+        if self.resumable():
+            message += f", then continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
+        tqdm.write(message, file=sys.stderr)
+        raise SystemExit(2)
+
+    def _report_thread(self, hook_args):
+        """TensorBoard writes from a thread of its own; its full disk reaches the main thread at the next write, which
+        reports it (_report), so the thread stays quiet."""
+        if not is_disk_full(hook_args.exc_value):
+            self._thread_excepthook(hook_args)
 
     def _handle(self, signum, frame):
         if self.stop_requested:
@@ -103,6 +131,39 @@ class RunGuard:
             message += f"; continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
         tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
         raise SystemExit(130)
+
+
+# ------------------------------------------------------------------------------------------------- writing files
+def write_atomically(path: Path, write: Callable[[Path], None]):
+    """Calls `write` on a temporary file, then renames it to `path`: an interrupted or failed write (a full disk)
+    never damages the file written before, and leaves no temporary file behind. The temporary file is this process's
+    own, so two runs that write one file (two runs of a seed pre-training its shared policy) cannot mix their bytes. A
+    failed write ends the run with one line and exit code 2."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if not isinstance(error, Exception):  # Ctrl-C or exit: not a failed write
+            raise
+        # a full disk surfaces as OSError or as torch's zip writer's RuntimeError ("unexpected pos ...")
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        free_mib = shutil.disk_usage(path.parent).free / 2**20
+        tqdm.write(f"error: could not write {path} ({reason[:120]}; {free_mib:.0f} MiB free there): free disk space "
+                   "or make the folder writable; the files written before are intact", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def save_checkpoint(path: Path, state: dict):
+    """torch.save through write_atomically."""
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
+def save_summary(path: Path, summary: dict):
+    """summary.json through write_atomically: a run with a summary.json counts as finished (utils.benchmark), so a
+    half-written one must never exist."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(summary, indent=2)))
 
 
 def check_writable(folder: Path):
