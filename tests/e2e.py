@@ -5,6 +5,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def bad_input_error(script: str, flags: list[str], cwd: Path, monkeypatch, capsy
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [script, *flags])
     monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # keep pytest's Ctrl-C (RunGuard)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # and its own exception hooks, restored at teardown
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     assert exit_info.value.code == 2

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,10 @@ def test_check_writable_names_the_folder_in_the_way(tmp_path):
 
 
 @pytest.fixture
-def guard():
+def guard(monkeypatch):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored at teardown
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     yield RunGuard()
     for sig, handler in handlers.items():
         signal.signal(sig, handler)

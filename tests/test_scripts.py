@@ -241,6 +241,8 @@ BAD_INPUT = [
                                     "(--num-envs 2 x --num-steps 70 decisions x --chunk-size 4 actions): use 1120 or 1680"),
     (["--pretrained-dir", "notes.txt"], "cannot create notes.txt/: a file of that name is in the way"),
     (["--threads", "-1"], "--threads must be at least 0"),
+    (["--resume", "truncated_run"], "truncated_run/checkpoint.pt is not a checkpoint this script can load safely"),
+    (["--pretrained-checkpoint", "truncated.pt"], "truncated.pt is not a checkpoint this script can load safely"),
 ]
 
 
@@ -251,6 +253,9 @@ def test_bad_input_is_one_message_and_exit_code_2(tmp_path, monkeypatch, capsys,
     (tmp_path / "notes.txt").write_text("not a dataset")
     (tmp_path / "old_run").mkdir()
     torch.save({"script": script, "torch_rng": torch.get_rng_state()}, tmp_path / "old_run" / "checkpoint.pt")
+    (tmp_path / "truncated_run").mkdir()  # a copy cut short, as a full disk or a killed copy leaves it
+    (tmp_path / "truncated_run" / "checkpoint.pt").write_bytes((tmp_path / "old_run" / "checkpoint.pt").read_bytes()[:500])
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "old_run" / "checkpoint.pt").read_bytes()[:500])
     assert message in bad_input_error(script, flags, tmp_path, monkeypatch, capsys)
 
 
