@@ -29,6 +29,35 @@ def test_thread_default_leaves_the_cores_other_processes_use():
     assert choose_threads(3, usable_cores=2, busy_cores=2.0, omp_num_threads="1") == 3  # --threads wins
 
 
+def test_busy_cores_is_the_non_idle_share_of_each_core_now(monkeypatch):
+    """The load average still counts a process that ended a minute ago; the default reads the cores' time now."""
+    readings = iter([{0: (100, 1000), 1: (500, 1000)},  # (idle + iowait, total) jiffies of each core
+                     {0: (100, 1100), 1: (590, 1100)}])  # core 0 busy the whole interval, core 1 a tenth of it
+    monkeypatch.setattr(runtime, "cpu_times", lambda cores: next(readings))
+    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: None)
+    assert runtime.busy_cores({0, 1}) == pytest.approx(1.1)
+    assert choose_threads(0, usable_cores=2, busy_cores=1.1, omp_num_threads=None) == 1
+
+
+def test_the_thread_count_is_printed_and_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "busy_cores", lambda cores: 0.2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    cores = len(runtime.os.sched_getaffinity(0))
+    assert runtime.set_threads(0) == cores
+    printed = capsys.readouterr().out
+    assert printed == f"torch threads: {cores} ({cores} cores, 0.2 busy with other processes; --threads sets it)\n"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.set_threads(0) == 1 and "(--threads or OMP_NUM_THREADS)" in capsys.readouterr().out
+    assert runtime.set_threads(3) == 3
+
+
+def test_busy_cores_reads_this_machine():
+    cores = runtime.os.sched_getaffinity(0)
+    assert set(runtime.cpu_times(cores)) == set(cores)
+    assert 0 <= runtime.busy_cores(cores, interval=0.1) <= len(cores) + 1e-9
+
+
 def test_rate_watch_warns_once_when_the_rate_falls_below_a_third_of_its_best(capsys):
     watch = RateWatch("pre-training", "steps", threads=2, window_s=10)
     assert watch.tick(0, 0.0) is None

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,8 +22,8 @@ from tqdm import tqdm
 # ------------------------------------------------------------------------------------------------------- threads
 def choose_threads(requested: int, usable_cores: int, busy_cores: float, omp_num_threads: Optional[str]) -> int:
     """The torch thread count of a run. `requested` > 0 is taken as given. With 0 (the default): OMP_NUM_THREADS when
-    it is set (utils.benchmark sets it for its jobs), else the cores that other processes leave idle (the 1-minute
-    load average, rounded), at least one.
+    it is set (utils.benchmark sets it for its jobs), else the cores that other processes leave idle now (busy_cores,
+    rounded), at least one.
 
     Why not all cores: torch's CPU threads spin while they wait on each other. When another process holds one of
     the cores they spin on, each step waits for the scheduler; measured on the 2-core machine (docs/speed.md), a
@@ -35,12 +36,42 @@ def choose_threads(requested: int, usable_cores: int, busy_cores: float, omp_num
     return max(1, usable_cores - round(busy_cores))
 
 
+def cpu_times(cores) -> dict[int, tuple[int, int]]:
+    """(idle, total) jiffies of each of `cores` since boot, from /proc/stat (Linux)."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            values = [int(field) for field in fields]
+            times[int(name[3:])] = (values[3] + values[4], sum(values[:8]))  # idle + iowait; user..steal
+    return times
+
+
+def busy_cores(cores, interval: float = 0.5) -> float:
+    """How many of `cores` other processes keep busy now: the non-idle share of each core's time over `interval`
+    seconds, summed (Linux); elsewhere the 1-minute load average, which lags: it still counts a process that ended
+    a minute ago."""
+    try:
+        before = cpu_times(cores)
+        time.sleep(interval)
+        after = cpu_times(cores)
+    except OSError:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return sum(1 - (after[core][0] - before[core][0]) / max(1, after[core][1] - before[core][1]) for core in after)
+
+
 def set_threads(requested: int) -> int:
-    """Sets and returns the run's torch thread count (choose_threads, from this machine)."""
-    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy_cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = choose_threads(requested, usable_cores, busy_cores, os.environ.get("OMP_NUM_THREADS"))
+    """Sets, prints and returns the run's torch thread count (choose_threads, from this machine)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    omp_num_threads = os.environ.get("OMP_NUM_THREADS")
+    if requested > 0 or (omp_num_threads or "").strip().isdigit() and int(omp_num_threads) > 0:
+        threads, why = choose_threads(requested, len(cores), 0.0, omp_num_threads), "--threads or OMP_NUM_THREADS"
+    else:
+        busy = busy_cores(cores)
+        threads = choose_threads(0, len(cores), busy, None)
+        why = f"{len(cores)} cores, {busy:.1f} busy with other processes; --threads sets it"
     torch.set_num_threads(threads)
+    print(f"torch threads: {threads} ({why})")
     return threads
 
 
