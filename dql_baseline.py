@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_dataset
 from utils.envs import make_env
-from utils.runtime import (RateWatch, RunGuard, check_writable, save_checkpoint, save_summary, set_threads,
-                           whole_iterations)
+from utils.runtime import (RateWatch, RunGuard, check_writable, load_checkpoint, save_checkpoint, save_summary,
+                           set_threads, whole_iterations)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Args:
 
     # Task and data
     env_id: str = "Kitchen-Complete-v0"
-    """the environment id: Kitchen-{Complete,Mixed,Partial}-v0, Robomimic-{Can,Square}-v0 (TASK_DEFAULTS), or any Gymnasium id with Box spaces plus --dataset-path"""
+    """the environment id: Kitchen-{Complete,Mixed,Partial}-v0, Robomimic-{Can,Square}-v0, TwoGoals-v0 (TASK_DEFAULTS), or any Gymnasium id with Box spaces plus --dataset-path"""
     dataset_source: Literal["d4rl", "minari", "scripted"] = "d4rl"
     """where the demonstrations come from: kitchen: D4RL's HDF5 files (D4RL_DATASET_DIR) or Minari's D4RL/kitchen datasets; robomimic: utils/make_demos.py's scripted operators"""
     dataset_path: Optional[str] = None
@@ -149,6 +149,12 @@ TASK_DEFAULTS = {
                              actor_batch_size=1000),
     "Robomimic-Square-v0": dict(dataset_source="scripted", gamma=0.999, critic_hidden=(256, 256, 256),
                                 buffer_size=250_000, num_steps=100, eta=1.0, actor_batch_size=1000),
+    # The small task of utils/two_goals.py, sized to pre-train and fine-tune in well under a minute on 2 CPU cores
+    # (docs/how_otpr_works.md measures it).
+    "TwoGoals-v0": dict(dataset_source="scripted", actor_hidden=(128, 128, 128), pretrain_steps=2000, pretrain_batch_size=256,
+                        num_envs=8, eval_frequency=5, eval_episodes=48,
+                        num_steps=10, total_timesteps=6400, critic_hidden=(128, 128), buffer_size=100_000,
+                        actor_lr=1e-4),
 }
 
 
@@ -511,25 +517,6 @@ class CudaGraph:
 # ----------------------------------------------------------------------------------------------------------------
 # Behaviour-cloning pre-training, shared by every method through one checkpoint file
 # ----------------------------------------------------------------------------------------------------------------
-# A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
-# torch.load unpickles only these (weights_only, with NumPy's array and scalar types allowed), so a crafted file is
-# refused instead of running code.
-CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
-                      np.dtypes.UInt32DType, np.dtypes.Float64DType]
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint of this project, loaded without running code; ValueError naming the file for anything else."""
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or objects that only code could rebuild
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a checkpoint this script can load safely ({reason[:200]}): it may be "
-                         "truncated, or hold objects other than tensors and plain values, which are never loaded "
-                         "because loading them could run code") from None
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -670,7 +657,7 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
 # Evaluation and helpers
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args() -> Args:
-    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given, and
+    """Reads the command line; a task's TASK_DEFAULTS replace the defaults of the flags not given, and
     `--env-id <id> --help` shows them."""
     env_id_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     env_id_flag.add_argument("--env-id", "--env_id", default=Args.env_id)

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_pixel_dataset
 from utils.envs import make_env
-from utils.runtime import (RateWatch, RunGuard, check_writable, save_checkpoint, save_summary, set_threads,
-                           whole_iterations)
+from utils.runtime import (RateWatch, RunGuard, check_writable, load_checkpoint, save_checkpoint, save_summary,
+                           set_threads, whole_iterations)
 
 
 @dataclass
@@ -909,25 +909,6 @@ class CudaGraph:
 # ----------------------------------------------------------------------------------------------------------------
 # Behaviour-cloning pre-training, shared by every method through one checkpoint file
 # ----------------------------------------------------------------------------------------------------------------
-# A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
-# torch.load unpickles only these (weights_only, with NumPy's array and scalar types allowed), so a crafted file is
-# refused instead of running code.
-CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
-                      np.dtypes.UInt32DType, np.dtypes.Float64DType]
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint of this project, loaded without running code; ValueError naming the file for anything else."""
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or objects that only code could rebuild
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a checkpoint this script can load safely ({reason[:200]}): it may be "
-                         "truncated, or hold objects other than tensors and plain values, which are never loaded "
-                         "because loading them could run code") from None
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}

@@ -173,7 +173,7 @@ def test_shared_definitions_are_textually_identical_to_idql_baseline():
     idql, ours = definitions(ROOT / "idql_baseline.py"), definitions(ROOT / "qsm_baseline.py")
     for name in ("PRETRAIN_FIELDS", "pretrained_checkpoint_path", "read_pretrained", "pretrain", "pretrain_and_save",
                  "DiffusionPolicy", "TwinQ", "ReplayBuffer", "Normalizer", "evaluate", "select_candidates",
-                 "check_args", "read_resume_state", "load_checkpoint", "rng_state", "set_rng_state"):
+                 "check_args", "read_resume_state", "new_run_dir", "rng_state", "set_rng_state"):
         assert name in ours
     differing = {name for name in idql.keys() & ours.keys() if idql[name] != ours[name]}
     assert differing <= {"Args", "MAY_BE_ZERO", "FRACTIONS"}, differing

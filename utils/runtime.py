@@ -7,6 +7,7 @@ import atexit
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -129,7 +131,7 @@ class RunGuard:
     def _report(self, kind, error, traceback):
         if not is_disk_full(error):
             return self._excepthook(kind, error, traceback)
-        where = f" writing {error.filename}" if error.filename else ""
+        where = f" writing {error.filename}" if error.filename else f" writing in {self.run_dir}" if self.run_dir else ""
         message = f"error: the disk is full ({error.strerror}{where}): free disk space"
         if self.resumable():
             message += f", then continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
@@ -184,6 +186,28 @@ def write_atomically(path: Path, write: Callable[[Path], None]):
         tqdm.write(f"error: could not write {path} ({reason[:120]}; {free_mib:.0f} MiB free there): free disk space "
                    "or make the folder writable; the files written before are intact", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
+# torch.load unpickles only these (weights_only, with NumPy's array and scalar types allowed), so a crafted file is
+# refused instead of running code.
+CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+                      np.dtypes.UInt32DType, np.dtypes.Float64DType]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of this project, loaded without running code; ValueError naming the file for anything else."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or objects that only code could rebuild
+        message = str(error).strip()
+        code = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", message)
+        reason = (f"it refers to {code.group(1)}" if code  # torch's message is a page: keep what the user needs
+                  else message.splitlines()[0].split(". ")[0] if message else type(error).__name__)
+        raise ValueError(f"{path} is not a checkpoint this script can load safely ({reason[:160]}): it may be "
+                         "truncated, or hold objects other than tensors and plain values, which are never loaded "
+                         "because loading them could run code") from None
 
 
 def save_checkpoint(path: Path, state: dict):
