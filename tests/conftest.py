@@ -22,3 +22,11 @@ def real_complete_file() -> Path:
     name = D4RL_KITCHEN_FILES["Kitchen-Complete-v0"][0]
     path = Path(os.environ["D4RL_DATASET_DIR"]) / name
     return path if path.is_file() else EMBEDDED_D4RL_DIR / name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def two_goals_demo_dir(tmp_path_factory) -> Path:
+    """TwoGoals-v0's generated demonstrations go to a temporary folder, for this process and the scripts it starts."""
+    folder = tmp_path_factory.mktemp("two_goals_demos")
+    os.environ["TWO_GOALS_DEMO_DIR"] = str(folder)
+    return folder

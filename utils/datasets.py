@@ -41,6 +41,7 @@ from utils.envs import (
     ROBOMIMIC_OBS_KEYS,
     ROBOMIMIC_TASKS,
     ROBOSUITE_VERSION,
+    TWO_GOALS_ID,
     build_env,
     check_env_id,
     is_kitchen,
@@ -379,6 +380,19 @@ def _create_once(path: Path, create, message: str) -> None:
             create()
 
 
+def _generated_two_goals(source: str) -> Path:
+    """TwoGoals-v0's demonstrations (utils/two_goals.py's defaults), generated on first use: a second."""
+    from utils.two_goals import demo_path, generate
+
+    if source != "scripted":
+        raise ValueError(f"{TWO_GOALS_ID}'s demonstrations are generated (--dataset-source scripted); for a file of "
+                         "your own pass --dataset-path")
+    path = demo_path()
+    _create_once(path, partial(generate, path), f"{TWO_GOALS_ID}: generating the demonstrations once into {path} "
+                 "(python -m utils.two_goals does the same; set TWO_GOALS_DEMO_DIR to put them elsewhere)")
+    return path
+
+
 def _robomimic_file(env_id: str, source: str, dataset_path: str | None) -> Path:
     """The robomimic file of a robomimic id: dataset_path if given, else (source "scripted") the generated one."""
     if dataset_path is not None:
@@ -395,7 +409,8 @@ def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = N
     dataset_path: a D4RL-layout HDF5 file, no checksum; rewards are relabelled only for kitchen ids (D4RL's kitchen
     format); for robomimic ids a robomimic HDF5 file. Otherwise, for kitchen ids, source "d4rl" (verified file from
     dataset_dir(), else shipped with the repository, else downloaded) or "minari" (local Minari dataset); for
-    robomimic ids source "scripted": the demonstrations of utils/make_demos.py (generated on first use).
+    robomimic ids source "scripted": the demonstrations of utils/make_demos.py (generated on first use); for
+    TwoGoals-v0 source "scripted": those of utils/two_goals.py (generated on first use).
     The result is checked before anything trains on it: every value finite, and the env's dimensions (check_dataset).
     """
     check_env_id(env_id, has_dataset_path=dataset_path is not None)
@@ -407,6 +422,8 @@ def load_dataset(env_id: str, source: str = "d4rl", dataset_path: str | None = N
     elif dataset_path is not None:
         data = _read_hdf5(Path(dataset_path))
         data = _relabel_kitchen(data) if is_kitchen(env_id) else data
+    elif env_id == TWO_GOALS_ID:
+        data = _read_hdf5(_generated_two_goals(source))
     elif source == "d4rl":
         data = _relabel_kitchen(_read_hdf5(_fetch_d4rl(env_id)))
     elif source == "minari":

@@ -1,6 +1,7 @@
 """Environment construction: FrankaKitchen-v1 behind D4RL's kitchen interface, robosuite's Can and Square behind
-robomimic's low-dim interface with DPPO's protocol, score bookkeeping and action chunks; and the camera-image
-versions of these tasks (the *-Pixels-v0 ids: Dict(pixels, state) observations rendered offscreen by MuJoCo)."""
+robomimic's low-dim interface with DPPO's protocol, the small TwoGoals-v0 task (utils/two_goals.py), score bookkeeping
+and action chunks; and the camera-image versions of the robot tasks (the *-Pixels-v0 ids: Dict(pixels, state)
+observations rendered offscreen by MuJoCo)."""
 
 import atexit
 import contextlib
@@ -34,6 +35,8 @@ from gymnasium_robotics.envs.franka_kitchen.kitchen_env import (  # noqa: E402
     OBS_ELEMENT_GOALS,
     OBS_ELEMENT_INDICES,
 )
+
+from utils.two_goals import ENV_ID as TWO_GOALS_ID, TwoGoalsEnv  # noqa: E402
 
 gym.register_envs(gymnasium_robotics)
 
@@ -100,7 +103,7 @@ PIXEL_STATE_DIM = 9  # proprioception: kitchen robot joint positions; robomimic 
 PIXEL_RENDERER_VERSION = 1
 _GL_OFF = ("disable", "disabled", "off", "false", "0")
 SUPPORTED_ENVS = (
-    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS])}, or any registered Gymnasium id with "
+    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS])}, or any registered Gymnasium id with "
     "Box observation and action spaces together with --dataset-path (for the camera-image scripts: a Dict(pixels, "
     "state) observation)."
 )
@@ -122,20 +125,20 @@ def is_pixels(env_id: str) -> bool:
 
 
 def check_env_id(env_id: str, has_dataset_path: bool) -> None:
-    """Raise ValueError unless env_id is a kitchen or robomimic id (state or camera images), or a registered
-    Gymnasium id and a dataset path is given.
+    """Raise ValueError unless env_id is a kitchen, robomimic (state or camera images) or TwoGoals-v0 id, or a
+    registered Gymnasium id and a dataset path is given.
 
     Looks the id up in Gymnasium's registry only; no env is built.
     """
-    if is_kitchen(env_id) or is_robomimic(env_id) or is_pixels(env_id):
+    if is_kitchen(env_id) or is_robomimic(env_id) or is_pixels(env_id) or env_id == TWO_GOALS_ID:
         return
     if env_id not in gym.registry:
-        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS, *gym.registry]
+        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS, *gym.registry]
         close = difflib.get_close_matches(env_id, known, n=1, cutoff=0.8)
         suggestion = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
     if not has_dataset_path:
-        built_in = ", ".join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, *PIXEL_TASKS])
+        built_in = ", ".join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS])
         raise ValueError(
             f"{env_id} has no built-in dataset (only {built_in} do): pass --dataset-path with a D4RL-layout HDF5 file "
             "of its demonstrations."
@@ -149,6 +152,8 @@ def state_dims(env_id: str) -> tuple[int, int]:
         return KITCHEN_OBS_DIM, KITCHEN_ACTION_DIM
     if is_robomimic(env_id):
         return ROBOMIMIC_OBS_DIM, ROBOMIMIC_ACTION_DIM
+    if env_id == TWO_GOALS_ID:
+        return 2, 2
     env = build_env(env_id)
     try:
         return int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
@@ -662,10 +667,13 @@ class PixelObservation(gym.Wrapper):
 def build_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     """One unchunked env: FrankaKitchen-v1 behind KitchenD4RLAdapter for kitchen ids, robosuite behind
     RobomimicLowDim and DPPO's time limit for robomimic ids, the state task's env behind PixelObservation for pixel
-    ids (render_mode "rgb_array" then returns observation images), else gym.make + ScoreInfo."""
+    ids (render_mode "rgb_array" then returns observation images), TwoGoalsEnv (its own score and time-out) for
+    TwoGoals-v0, else gym.make + ScoreInfo."""
     if is_pixels(env_id):
         _request_headless_rendering()  # before robosuite is imported, which fixes its OpenGL backend
         return PixelObservation(build_env(PIXEL_TASKS[env_id].state_env_id), env_id, render_mode)
+    if env_id == TWO_GOALS_ID:
+        return TwoGoalsEnv(render_mode)
     if render_mode is not None:
         _request_headless_rendering()
     if is_robomimic(env_id):

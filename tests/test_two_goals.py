@@ -1,0 +1,129 @@
+"""TwoGoals-v0 (utils/two_goals.py): the task's rewards, terminals and time-outs, its known optimum, and demonstrations
+that are multimodal, state-dependent and of mixed quality, served like every other task's."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from utils import two_goals as tg
+from utils.datasets import load_dataset
+from utils.envs import build_env, make_env, state_dims
+
+
+def drive(env, position, action, steps):
+    env.reset(seed=0)
+    env.position = np.array(position, dtype=float)
+    for _ in range(steps):
+        result = env.step(np.asarray(action, dtype=np.float32))
+        if result[2] or result[3]:
+            break
+    return result
+
+
+def test_the_good_goal_pays_one_the_poor_half_and_both_end_the_episode():
+    env = build_env("TwoGoals-v0")
+    obs, reward, terminated, truncated, info = drive(env, tg.GOOD - [0.12, 0.0], [1, 0], steps=5)
+    assert (reward, terminated, truncated, info["success"], info["normalized_score"]) == (1.0, True, False, True, 100.0)
+    obs, reward, terminated, truncated, info = drive(env, tg.POOR + [0.12, 0.0], [-1, 0], steps=5)
+    assert (reward, terminated, truncated, info["success"], info["normalized_score"]) == (0.5, True, False, False, 50.0)
+    np.testing.assert_allclose(obs, env.position, atol=1e-6)
+
+
+def test_after_horizon_steps_the_episode_is_cut_off_not_terminated():
+    env = build_env("TwoGoals-v0")
+    env.reset(seed=0)
+    for step in range(1, tg.HORIZON + 1):
+        obs, reward, terminated, truncated, info = env.step(np.zeros(2, np.float32))  # stays put
+        assert not terminated and reward == 0.0 and truncated == (step == tg.HORIZON)
+    assert info["normalized_score"] == 0.0 and not info["success"]
+
+
+def test_an_action_moves_the_point_by_speed_and_is_clipped():
+    env = build_env("TwoGoals-v0")
+    env.reset(seed=0)
+    start = env.position.copy()
+    obs, *_ = env.step(np.array([3.0, -0.5], np.float32))
+    np.testing.assert_allclose(obs, start + tg.SPEED * np.array([1.0, -0.5]), atol=1e-6)
+
+
+def test_the_optimum_is_return_one_from_every_start():
+    """The score is a fraction of the optimum only if the optimum is 1 wherever the point starts."""
+    env = build_env("TwoGoals-v0")
+    corners = [(-tg.START, -tg.START), (-tg.START, tg.START), (tg.START, -tg.START), (tg.START, tg.START)]
+    for seed in range(200):
+        env.reset(seed=seed)
+        if seed < len(corners):
+            env.position = np.array(corners[seed], dtype=float)
+        for step in range(1, tg.HORIZON + 1):
+            _, reward, terminated, truncated, info = env.step(tg.optimal_action(env.position))
+            if terminated or truncated:
+                break
+        assert reward == 1.0 and info["success"] and info["normalized_score"] == 100.0
+        assert step <= tg.FASTEST_STEPS < tg.HORIZON
+
+
+def test_the_chunked_env_the_scripts_build_ends_a_chunk_at_the_goal():
+    env = make_env("TwoGoals-v0", seed=0, idx=0, act_steps=4)()
+    obs, _ = env.reset(seed=0)
+    total, chunks = 0.0, 0
+    while True:
+        chunk = np.concatenate([tg.optimal_action(env.unwrapped.position)] * 4)
+        obs, reward, terminated, truncated, info = env.step(chunk)
+        total, chunks = total + reward, chunks + 1
+        if terminated or truncated:
+            break
+    assert terminated and total == 1.0 and 1 <= info["chunk_steps"] <= 4 and chunks <= -(-tg.FASTEST_STEPS // 4)
+    assert state_dims("TwoGoals-v0") == (env.observation_space.shape[0], env.action_space.shape[0] // 4) == (2, 2)
+
+
+@pytest.fixture(scope="module")
+def demos():
+    return load_dataset("TwoGoals-v0", "scripted")  # into conftest's TWO_GOALS_DEMO_DIR
+
+
+def episodes(data):
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [(data["observations"][s], data["rewards"][s:e + 1].sum(), data["timeouts"][e]) for s, e in zip(starts, ends)]
+
+
+def test_the_demonstrations_are_multimodal_state_dependent_and_of_mixed_quality(demos):
+    rows = episodes(demos)
+    assert len(rows) == 200 and len(demos["observations"]) == len(demos["actions"]) == len(demos["rewards"])
+    starts = np.array([row[0] for row in rows])
+    returns = np.array([row[1] for row in rows])
+    timed_out = np.array([row[2] for row in rows])
+    good, poor = returns == tg.GOOD_REWARD, returns == tg.POOR_REWARD
+    assert set(np.round(returns, 6)) == {0.0, 0.5, 1.0}
+    assert 0.3 < good.mean() < 0.6 and 0.3 < poor.mean() < 0.6 and 0.04 < timed_out.mean() < 0.2
+    assert (returns[timed_out] == 0).all()  # a dawdler runs out of time, unpaid
+    # Both goals from the same starts (multimodal), but the good one more often on the right (state-dependent)
+    for side in (starts[:, 0] < 0, starts[:, 0] > 0):
+        assert good[side].sum() >= 10 and poor[side].sum() >= 10
+    assert good[starts[:, 0] > 0].mean() > good[starts[:, 0] < 0].mean() + 0.1
+    # The actions depend on the goal taken: an operator's first move is toward it
+    episode_starts = np.concatenate([[0], np.flatnonzero(demos["terminals"] | demos["timeouts"])[:-1] + 1])
+    first_action_x = demos["actions"][episode_starts, 0]
+    assert (first_action_x[good] > 0).mean() > 0.9 and (first_action_x[poor] < 0).mean() > 0.9
+    assert demos["actions"].min() >= -1 and demos["actions"].max() <= 1
+
+
+def test_the_demonstrations_depend_only_on_the_seed_and_the_generator_command_writes_them(demos, tmp_path):
+    path = tg.generate(tmp_path / "a.hdf5", num_demos=200, seed=0)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["observations"][:], demos["observations"])
+        np.testing.assert_array_equal(f["actions"][:], demos["actions"])
+    done = subprocess.run([sys.executable, "-m", "utils.two_goals", "--num-demos", "3", "--seed", "1", "--output",
+                           str(tmp_path / "b.hdf5")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "wrote 3 demonstrations of TwoGoals-v0" in done.stdout
+    with h5py.File(tmp_path / "b.hdf5") as f:
+        assert (f["terminals"][:] | f["timeouts"][:]).sum() == 3
+        assert not np.array_equal(f["observations"][:3], demos["observations"][:3])  # another seed, other starts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.hdf5", "b.hdf5"]  # no temporary file left
+
+
+def test_only_the_generated_demonstrations_are_built_in():
+    with pytest.raises(ValueError, match="--dataset-source scripted"):
+        load_dataset("TwoGoals-v0", "d4rl")
