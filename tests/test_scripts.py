@@ -308,7 +308,7 @@ def test_ctrl_c_saves_what_was_done_and_says_how_to_continue(workdir):
     assert json.loads((folder / "summary.json").read_text())["iterations"] == 10
 
     args = TINY + ["--exp-name", "ctrl_c_bc", "--pretrain-steps", "100000", "--pretrained-dir", "pretrained_ctrl_c"]
-    returncode, output = interrupt_when("idql_baseline.py", args, cwd, "pre-training:")
+    returncode, output = interrupt_when("idql_baseline.py", args, cwd, "pre-training, then fine-tuning")
     assert returncode == 130 and "Traceback" not in output, output
     match = re.search(r"stopped pre-training at step (\d+) of 100000, saved in (\S+\.partial\.pt): the same command "
                       r"continues it", output)

@@ -127,3 +127,21 @@ def test_the_demonstrations_depend_only_on_the_seed_and_the_generator_command_wr
 def test_only_the_generated_demonstrations_are_built_in():
     with pytest.raises(ValueError, match="--dataset-source scripted"):
         load_dataset("TwoGoals-v0", "d4rl")
+
+
+@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py", "dql_baseline.py", "qsm_baseline.py",
+                                    "dppo_baseline.py"])
+def test_every_script_runs_on_it_with_its_task_defaults(script, tmp_path):
+    """The task's settings come from each script's TASK_DEFAULTS; only the budget is cut here."""
+    import json
+
+    from tests.e2e import finish, start
+
+    per_iteration = 8 * (40 if script == "dppo_baseline.py" else 10) * 4  # TASK_DEFAULTS: envs x decisions x chunk
+    log = finish(start(script, ["--env-id", "TwoGoals-v0", "--pretrain-steps", "100", "--total-timesteps",
+                                str(2 * per_iteration), "--eval-episodes", "8", "--eval-frequency", "1"], tmp_path))
+    (path,) = (tmp_path / "runs").glob("TwoGoals-v0__*/summary.json")
+    summary = json.loads(path.read_text())
+    assert summary["iterations"] == 2 and [entry["iteration"] for entry in summary["history"]] == [0, 1, 2]
+    assert 0 <= summary["final"]["normalized_score"] <= 100 and summary["final"]["episodes"] == 8
+    assert "torch threads: 1" in log
