@@ -155,7 +155,7 @@ TASK_DEFAULTS = {
     # 2 CPU cores (docs/how_otpr_works.md; 5,000 pre-training steps clone the operators' score, 2,000 do not).
     "TwoGoals-v0": dict(dataset_source="scripted", actor_hidden=(128, 128, 128), pretrain_steps=5000,
                         pretrain_batch_size=256, num_envs=8, eval_frequency=5, eval_episodes=48,
-                        critic_hidden=(128, 128, 128), num_steps=40, total_timesteps=12800),
+                        critic_hidden=(128, 128, 128), num_steps=40, total_timesteps=51200),
 }
 
 
