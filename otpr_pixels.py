@@ -1053,7 +1053,7 @@ def pretrain_and_save(policy, chunks, obs_normalizer, action_normalizer, path: P
 # Evaluation and helpers
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args() -> Args:
-    """Reads the command line; a robomimic env id's TASK_DEFAULTS replace the defaults of the flags not given, and
+    """Reads the command line; a task's TASK_DEFAULTS replace the defaults of the flags not given, and
     `--env-id <id> --help` shows them."""
     env_id_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     env_id_flag.add_argument("--env-id", "--env_id", default=Args.env_id)

@@ -1,8 +1,9 @@
 """Fine-tuning learns TwoGoals-v0 (utils/two_goals.py), for the methods that the measurement shows can: from the
 multimodal pre-trained policy, at the task's TASK_DEFAULTS, a fixed seed ends near the optimum. The thresholds are not
 tuned to pass: docs/how_otpr_works.md ("What each method learns") gives the benchmark's seeds, and each threshold sits
-below the lowest of them by a margin, above every seed's pre-trained score. A broken core (the advantage's sign
-flipped, the critic's terminal mask dropped) stays near the pre-trained policy and fails here."""
+below the lowest of them by a margin, above every seed's pre-trained score. A flipped sign of DPPO's PPO surrogate
+sends the policy below where it started and fails here (a dropped terminal mask in GAE does not: DPPO still learns
+the task; tests/test_dppo.py's GAE test catches it)."""
 import json
 
 import pytest

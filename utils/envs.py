@@ -102,8 +102,9 @@ PIXEL_STATE_DIM = 9  # proprioception: kitchen robot joint positions; robomimic 
 # cached images (utils.datasets.load_pixel_dataset), so that stale caches are rendered anew.
 PIXEL_RENDERER_VERSION = 1
 _GL_OFF = ("disable", "disabled", "off", "false", "0")
+BUILT_IN_IDS = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS]  # the ids with their own data
 SUPPORTED_ENVS = (
-    f"Supported: {', '.join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS])}, or any registered Gymnasium id with "
+    f"Supported: {', '.join(BUILT_IN_IDS)}, or any registered Gymnasium id with "
     "Box observation and action spaces together with --dataset-path (for the camera-image scripts: a Dict(pixels, "
     "state) observation)."
 )
@@ -130,17 +131,16 @@ def check_env_id(env_id: str, has_dataset_path: bool) -> None:
 
     Looks the id up in Gymnasium's registry only; no env is built.
     """
-    if is_kitchen(env_id) or is_robomimic(env_id) or is_pixels(env_id) or env_id == TWO_GOALS_ID:
+    if env_id in BUILT_IN_IDS:
         return
     if env_id not in gym.registry:
-        known = [*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS, *gym.registry]
+        known = [*BUILT_IN_IDS, *gym.registry]
         close = difflib.get_close_matches(env_id, known, n=1, cutoff=0.8)
         suggestion = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
     if not has_dataset_path:
-        built_in = ", ".join([*KITCHEN_TASKS, *ROBOMIMIC_TASKS, TWO_GOALS_ID, *PIXEL_TASKS])
         raise ValueError(
-            f"{env_id} has no built-in dataset (only {built_in} do): pass --dataset-path with a D4RL-layout HDF5 file "
+            f"{env_id} has no built-in dataset (only {', '.join(BUILT_IN_IDS)} do): pass --dataset-path with a D4RL-layout HDF5 file "
             "of its demonstrations."
         )
 

@@ -33,9 +33,15 @@ def choose_threads(requested: int, usable_cores: int, busy_cores: float, omp_num
     kept 94 it/s."""
     if requested > 0:
         return requested
-    if omp_num_threads and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
-        return int(omp_num_threads)
+    if omp_threads(omp_num_threads):
+        return omp_threads(omp_num_threads)
     return max(1, usable_cores - round(busy_cores))
+
+
+def omp_threads(omp_num_threads: Optional[str]) -> int:
+    """OMP_NUM_THREADS as a thread count; 0 when it is unset or not a positive whole number."""
+    value = (omp_num_threads or "").strip()
+    return int(value) if value.isdigit() else 0
 
 
 def cpu_times(cores) -> dict[int, tuple[int, int]]:
@@ -66,7 +72,7 @@ def set_threads(requested: int) -> int:
     """Sets, prints and returns the run's torch thread count (choose_threads, from this machine)."""
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     omp_num_threads = os.environ.get("OMP_NUM_THREADS")
-    if requested > 0 or (omp_num_threads or "").strip().isdigit() and int(omp_num_threads) > 0:
+    if requested > 0 or omp_threads(omp_num_threads):
         threads, why = choose_threads(requested, len(cores), 0.0, omp_num_threads), "--threads or OMP_NUM_THREADS"
     else:
         busy = busy_cores(cores)
@@ -131,7 +137,8 @@ class RunGuard:
     def _report(self, kind, error, traceback):
         if not is_disk_full(error):
             return self._excepthook(kind, error, traceback)
-        where = f" writing {error.filename}" if error.filename else f" writing in {self.run_dir}" if self.run_dir else ""
+        where = (f" writing {error.filename}" if error.filename
+                 else f" writing in {self.run_dir}" if self.run_dir else "")
         message = f"error: the disk is full ({error.strerror}{where}): free disk space"
         if self.resumable():
             message += f", then continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
