@@ -151,8 +151,8 @@ TASK_DEFAULTS = {
                              clip_coef_base=0.001, critic_warmup_iterations=2),
     "Robomimic-Square-v0": dict(dataset_source="scripted", gamma=0.999, num_steps=400, clip_coef_base=0.001,
                                 critic_warmup_iterations=2),
-    # The small task of utils/two_goals.py: a first guess at settings that pre-train and fine-tune in under a minute on
-    # 2 CPU cores (docs/how_otpr_works.md; 5,000 pre-training steps clone the operators' score, 2,000 do not).
+    # The small task of utils/two_goals.py: settings that pre-train and fine-tune in under a minute on 2 CPU cores
+    # (docs/how_otpr_works.md; 5,000 pre-training steps clone the operators' score, 2,000 do not).
     "TwoGoals-v0": dict(dataset_source="scripted", actor_hidden=(128, 128, 128), pretrain_steps=5000,
                         pretrain_batch_size=256, num_envs=8, eval_frequency=5, eval_episodes=48,
                         critic_hidden=(128, 128, 128), num_steps=40, total_timesteps=51200),

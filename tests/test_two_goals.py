@@ -1,12 +1,18 @@
 """TwoGoals-v0 (utils/two_goals.py): the task's rewards, terminals and time-outs, its known optimum, and demonstrations
-that are multimodal, state-dependent and of mixed quality, served like every other task's."""
+that are multimodal, state-dependent and of mixed quality, served like every other task's; every script on it, and the
+picture command of docs/how_otpr_works.md (docs/how_otpr_works.py) on their runs."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
+from docs import how_otpr_works as pictures
+from tests.e2e import finish, start
 from utils import two_goals as tg
 from utils.datasets import load_dataset
 from utils.envs import build_env, make_env, state_dims
@@ -129,19 +135,89 @@ def test_only_the_generated_demonstrations_are_built_in():
         load_dataset("TwoGoals-v0", "d4rl")
 
 
-@pytest.mark.parametrize("script", ["otpr.py", "idql_baseline.py", "dql_baseline.py", "qsm_baseline.py",
-                                    "dppo_baseline.py"])
-def test_every_script_runs_on_it_with_its_task_defaults(script, tmp_path):
-    """The task's settings come from each script's TASK_DEFAULTS; only the budget is cut here."""
-    import json
+SWEEP_LINES = [line.split() for line in Path("docs/sweeps/two_goals.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#") and "--seed 1 " in line + " "]
 
-    from tests.e2e import finish, start
 
-    per_iteration = 8 * (40 if script == "dppo_baseline.py" else 10) * 4  # TASK_DEFAULTS: envs x decisions x chunk
-    log = finish(start(script, ["--env-id", "TwoGoals-v0", "--pretrain-steps", "100", "--total-timesteps",
-                                str(2 * per_iteration), "--eval-episodes", "8", "--eval-frequency", "1"], tmp_path))
-    (path,) = (tmp_path / "runs").glob("TwoGoals-v0__*/summary.json")
-    summary = json.loads(path.read_text())
-    assert summary["iterations"] == 2 and [entry["iteration"] for entry in summary["history"]] == [0, 1, 2]
-    assert 0 <= summary["final"]["normalized_score"] <= 100 and summary["final"]["episodes"] == 8
-    assert "torch threads: 1" in log
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """Seed 1's lines of docs/sweeps/two_goals.txt (the five scripts, otpr.py in two more modes), in one folder, with the
+    budget cut to 2 iterations and the critic warm-up to none (so that OTPR fits its potentials): the task's settings
+    come from each script's TASK_DEFAULTS."""
+    folder = tmp_path_factory.mktemp("two_goals_runs")
+    processes = []
+    for script, *flags in SWEEP_LINES:
+        per_iteration = 8 * (40 if script == "dppo_baseline.py" else 10) * 4  # TASK_DEFAULTS: envs x decisions x chunk
+        processes.append(start(script, [*flags, "--pretrain-steps", "100", "--total-timesteps", str(2 * per_iteration),
+                                        "--eval-episodes", "8", "--eval-frequency", "1", "--critic-warmup-iterations",
+                                        "0"], folder))
+    return folder, {flags[flags.index("--exp-name") + 1]: finish(process) for (_, *flags), process
+                    in zip(SWEEP_LINES, processes)}
+
+
+def test_the_sweep_runs_every_script_on_it_with_its_task_defaults(short_runs):
+    folder, logs = short_runs
+    assert sorted(logs) == sorted(pictures.METHODS) and len(SWEEP_LINES) == 7
+    for exp_name, log in logs.items():
+        (path,) = (folder / "runs").glob(f"TwoGoals-v0__{exp_name}__1__*/summary.json")
+        summary = json.loads(path.read_text())
+        assert summary["iterations"] == 2 and [entry["iteration"] for entry in summary["history"]] == [0, 1, 2]
+        assert 0 <= summary["final"]["normalized_score"] <= 100 and summary["final"]["episodes"] == 8
+        assert "torch threads: 1" in log
+    assert len(list((folder / "runs" / "pretrained").glob("*.pt"))) == 1  # one pre-trained policy for every method
+
+
+def test_the_picture_command_draws_every_picture_and_its_numbers(short_runs, tmp_path, monkeypatch):
+    folder, _ = short_runs
+    monkeypatch.chdir(folder)  # the runs' summaries name their pre-trained file relative to it
+    pictures.main(["--runs", str(folder / "runs"), "--skip-sweep", "--out", str(tmp_path)])
+    names = ("learning_curves", "rollouts", "candidates", "plan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.png" for n in names] + ["numbers.json"])
+    for name in names:
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    numbers = json.loads((tmp_path / "numbers.json").read_text())
+    assert sorted(numbers["learning"]) == sorted(pictures.METHODS)
+    assert all(entry["seeds"] == 1 for entry in numbers["learning"].values())
+    assert len(numbers["rollouts"]) == 1 + len(pictures.METHODS)  # the pre-trained policy, then each fine-tuned one
+    assert len(numbers["candidates"]) == len(pictures.STATES)
+    for entry in numbers["candidates"]:
+        assert 0 <= entry["rightward"] <= 1 and 0 <= entry["selected_by_h"] <= 1
+    plan = numbers["plan"]
+    assert 0 <= plan["zero_pairs"] < 1 and 0 <= plan["h_rightward_left_states"] <= 1
+
+
+class Toward:
+    """A stand-in policy whose every chunk is the full-speed move toward `goal` from the state (unnormalised)."""
+
+    def __init__(self, goal):
+        self.goal = goal
+
+    def sample(self, obs, deterministic=False, generator=None):
+        assert deterministic  # rollouts draw the deterministic (DDIM) policy
+        direction = torch.as_tensor(self.goal, dtype=torch.float32) - obs
+        step = direction / direction.abs().amax(-1, keepdim=True).clamp(min=1e-6)
+        return step.repeat(1, 4)
+
+
+class Identity:
+    def normalize(self, x):
+        return x
+
+    def unnormalize(self, x):
+        return x
+
+
+def test_rollouts_follow_the_policy_from_each_start_to_the_goal_it_heads_for():
+    starts = np.array([[-0.2, -0.2], [0.0, 0.1], [0.25, 0.25]], dtype=np.float32)
+    for goal, reward in ((tg.GOOD, tg.GOOD_REWARD), (tg.POOR, tg.POOR_REWARD)):
+        paths, returns = pictures.rollouts(Toward(goal), Identity(), Identity(), 4, starts)
+        assert (returns == reward).all()
+        for path, start_point in zip(paths, starts):
+            np.testing.assert_allclose(path[0], start_point)
+            assert np.linalg.norm(path[-1] - goal) < tg.RADIUS and len(path) - 1 <= tg.HORIZON
+
+
+def test_a_chunk_is_rightward_when_its_moves_add_up_to_the_right():
+    chunks = np.array([[[1, 1]] * 4, [[-1, 1]] * 4, [[0, 1]] * 4, [[3, 0], [-1, 0], [-1, 0], [0, 0]]], dtype=float)
+    # straight up is neither; a move beyond the action bound counts as the env clips it (1 - 1 - 1 < 0)
+    np.testing.assert_array_equal(pictures.rightward(chunks), [True, False, False, False])
