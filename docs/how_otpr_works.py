@@ -9,11 +9,13 @@ its policy), which nothing in utils/ may. Each picture is drawn from saved files
 - rollouts.png: each method's deterministic policy from 24 fixed starts, pre-trained and fine-tuned (seed 1's files);
 - candidates.png: S = 64 exploration samples at three states, coloured by Q, by OTPR's H and by IDQL's weights (all
   three from the fine-tuned OTPR run's critics and potentials: seed 1's checkpoint.pt);
-- plan.png: H over one fit's batch of replay states x replay actions, beside its cost (the same checkpoint).
+- plan.png: one potential fit on a batch of replay states x replay actions, its plan H beside Q (the same checkpoint);
+  plan_unsupervised.png: the same for the OTPR-U run (--ot-mode unsupervised, seed 1).
 It prints the numbers the page quotes.
 """
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import subprocess
@@ -186,21 +188,28 @@ def candidates_picture(otpr, args, parts, normalizers, out: Path, num_candidates
     return {"candidates": numbers}
 
 
-def plan_picture(otpr, args, parts, normalizers, out: Path, batch_size: int = 128) -> dict:
-    """One OT problem like a fit's (independent draws of replay states and actions): Q and the plan H over all pairs,
-    states sorted by x and actions by where their chunk moves along x. Returns how H splits the actions' mass."""
+def plan_picture(otpr, args, parts, normalizers, out: Path) -> dict:
+    """One fit of Alg. 2 as fit_transport makes it (ot_batch_size replay states and independently drawn replay actions,
+    the potentials warm-started from the run's), then Q and the plan H over all its pairs, states sorted by x and
+    actions by their chunk's move along x. Returns the fit's residuals and how H splits the actions' mass."""
     obs_normalizer, action_normalizer = normalizers
     torch.manual_seed(1)
+    batch_size, cost_fn = args.ot_batch_size, parts["transport_cost"]
     states = parts["replay"].sample(batch_size, ("obs",))["obs"]
     actions = parts["replay"].sample(batch_size, ("actions",))["actions"]
     x = obs_normalizer.unnormalize(states)[:, 0].numpy()
     move_x = np.clip(action_normalizer.unnormalize(actions).view(batch_size, args.chunk_size, 2).numpy(), -1, 1)[..., 0].sum(1)
-    states, actions = states[np.argsort(x)], actions[np.argsort(move_x)]
+    states, actions = states[np.argsort(x)], actions[np.argsort(move_x)]  # the plan does not depend on the order
     x, move_x = np.sort(x), np.sort(move_x)
+    cost = cost_fn(parts["qf_target"], states, actions, all_pairs=True, rescale=True)
+    optimizer = torch.optim.Adam([*parts["u_net"].parameters(), *parts["v_net"].parameters()], lr=args.ot_lr)
+    ascend = functools.partial(otpr.dual_ascent, parts["u_net"], parts["v_net"], optimizer, epsilon=cost_fn.epsilon,
+                               num_steps=args.ot_check_every)
+    fit = otpr.fit_potentials(ascend, parts["u_net"], parts["v_net"], states, actions, cost, cost_fn.epsilon,
+                              max_steps=args.ot_max_steps, tolerance=args.ot_tolerance, check_every=args.ot_check_every)
     with torch.no_grad():
         q = parts["qf_target"].min(states[:, None].expand(-1, batch_size, -1), actions[None].expand(batch_size, -1, -1))
-        cost = parts["transport_cost"](parts["qf_target"], states, actions, all_pairs=True)
-        h = otpr.compatibility(parts["u_net"](states), parts["v_net"](actions).T, cost, parts["transport_cost"].epsilon)
+        h = otpr.compatibility(parts["u_net"](states), parts["v_net"](actions).T, cost, cost_fn.epsilon)
     fig, axes = figure(1, 2, (11, 4.8))
     for ax, (name, value) in zip(axes[0], (("Q(s, a)", q), ("H(s, a): the plan's density (Eq. 6)", h))):
         image = ax.imshow(value.numpy(), aspect="auto", origin="lower", cmap="viridis")
@@ -209,44 +218,50 @@ def plan_picture(otpr, args, parts, normalizers, out: Path, batch_size: int = 12
         ax.set_xlabel("replay action chunks, by their move along x (left to right)", fontsize=8)
         ax.set_ylabel("replay states, by x (left to right)", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"One OT problem: {batch_size} replay states x {batch_size} replay action chunks (fine-tuned OTPR)",
-                 fontsize=10)
+    fig.suptitle(f"One OT fit: {batch_size} replay states x {batch_size} replay action chunks (fine-tuned OTPR, "
+                 f"--ot-mode {args.ot_mode})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
     left, right, to_right = x < 0, x > 0, move_x > 0
-    h = h.numpy()
+    h, q = h.numpy(), q.numpy()
     share = lambda rows: float(h[rows][:, to_right].sum() / max(h[rows].sum(), 1e-12))  # noqa: E731
-    return {"plan": {"rightward_actions": float(to_right.mean()), "h_rightward_left_states": share(left),
-                     "h_rightward_right_states": share(right), "zero_pairs": float((h == 0).mean()),
-                     "q_rightward_minus_leftward_left_states": float(q.numpy()[left][:, to_right].mean()
-                                                                     - q.numpy()[left][:, ~to_right].mean()),
-                     "q_rightward_minus_leftward_right_states": float(q.numpy()[right][:, to_right].mean()
-                                                                      - q.numpy()[right][:, ~to_right].mean())}}
+    gain = lambda rows: float(q[rows][:, to_right].mean() - q[rows][:, ~to_right].mean())  # noqa: E731
+    return {"plan": {"fit_steps": fit["steps"], "residual_s": fit["residual_s"], "residual_a": fit["residual_a"],
+                     "rightward_actions": float(to_right.mean()), "zero_pairs": float((h == 0).mean()),
+                     "h_rightward_left_states": share(left), "h_rightward_right_states": share(right),
+                     "q_rightward_minus_leftward_left_states": gain(left),
+                     "q_rightward_minus_leftward_right_states": gain(right)}}
 
 
 def learning_curves_picture(runs: Path, out: Path) -> dict:
-    """Normalized score over env steps: mean over seeds, min-max band, one line per method."""
+    """Normalized score over env steps, mean over seeds and min-max band, one line per method: over the off-policy
+    methods' budget (left) and over DPPO's (right)."""
     found = [(d, s) for d, s in load_summaries(runs) if s.get("env_id") == two_goals.ENV_ID and s.get("exp_name") in METHODS]
     data = curves(found)
-    fig, axes = figure(1, 1, (8, 4.5))
-    ax = axes[0, 0]
+    fig, axes = figure(1, 2, (12, 4.8))
     numbers = {}
     for color, name in enumerate(METHODS):
         if (two_goals.ENV_ID, name) not in data:
             continue
         d = data[(two_goals.ENV_ID, name)]
         mean, low, high = d["normalized_score"]
-        ax.plot(d["env_steps"], mean, marker="o", ms=3, color=f"C{color}", label=f"{name} ({d['seeds']} seeds)")
-        ax.fill_between(d["env_steps"], low, high, color=f"C{color}", alpha=0.2, linewidth=0)
-        finals = [s["final"]["normalized_score"] for _, s in found if s["exp_name"] == name]
-        starts = [s["pretrained"]["normalized_score"] for _, s in found if s["exp_name"] == name]
-        numbers[name] = {"seeds": d["seeds"], "pretrained": float(np.mean(starts)), "final": float(np.mean(finals)),
-                         "final_min": float(np.min(finals)), "final_max": float(np.max(finals)),
-                         "env_steps": float(d["env_steps"][-1]),
-                         "wall_time_s": float(np.mean([s["wall_time_s"] for _, s in found if s["exp_name"] == name]))}
-    ax.set(xlabel="env steps", ylabel="normalized score (100: the optimum)", ylim=(-2, 102))
-    ax.grid(alpha=0.3)
-    ax.legend(title="mean over seeds; band: min-max", fontsize=8, title_fontsize=8)
+        for ax in axes[0]:
+            ax.plot(d["env_steps"], mean, marker="o", ms=3, color=f"C{color}", label=f"{name} ({d['seeds']} seeds)")
+            ax.fill_between(d["env_steps"], low, high, color=f"C{color}", alpha=0.15, linewidth=0)
+        members = [s for _, s in found if s["exp_name"] == name]
+        finals = [s["final"]["normalized_score"] for s in members]
+        numbers[name] = {"seeds": d["seeds"], "pretrained": float(np.mean([s["pretrained"]["normalized_score"]
+                                                                           for s in members])),
+                         "final": float(np.mean(finals)), "finals": finals, "env_steps": float(d["env_steps"][-1]),
+                         "wall_time_s": float(np.mean([s["wall_time_s"] for s in members]))}
+    off_policy_steps = max([v["env_steps"] for k, v in numbers.items() if k != "dppo"], default=1.0)
+    for ax, right in zip(axes[0], (off_policy_steps * 1.05, None)):
+        ax.set(xlabel="env steps", ylabel="normalized score (100: the optimum)", ylim=(-2, 102))
+        ax.set_xlim(0, right)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title("the off-policy methods' budget", fontsize=10)
+    axes[0, 1].set_title("DPPO's budget", fontsize=10)
+    axes[0, 1].legend(title="mean over seeds; band: min-max", fontsize=8, title_fontsize=8)
     fig.suptitle(f"{two_goals.ENV_ID}: fine-tuning each method from the same pre-trained policies, 48 episodes per point",
                  fontsize=10)
     fig.tight_layout()
@@ -298,14 +313,16 @@ def main(argv=None):
                         str(options.parallel), "--threads", "1"], check=True)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    otpr_folder = run_dir(options.runs, "otpr", 1)
-    otpr, args, parts = otpr_parts(otpr_folder / "checkpoint.pt")
-    final = torch.load(otpr_folder / "otpr.pt", map_location="cpu", weights_only=False)
-    _, *normalizers = load_policy(otpr, final, args)
     numbers = {**learning_curves_picture(options.runs, out / "learning_curves.png"),
-               **rollouts_picture(options.runs, out / "rollouts.png"),
-               **candidates_picture(otpr, args, parts, normalizers, out / "candidates.png"),
-               **plan_picture(otpr, args, parts, normalizers, out / "plan.png")}
+               **rollouts_picture(options.runs, out / "rollouts.png")}
+    for name, picture in (("otpr", "plan.png"), ("otpr_u", "plan_unsupervised.png")):
+        folder = run_dir(options.runs, name, 1)
+        otpr, args, parts = otpr_parts(folder / "checkpoint.pt")
+        _, *normalizers = load_policy(otpr, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False),
+                                      args)
+        if name == "otpr":
+            numbers.update(candidates_picture(otpr, args, parts, normalizers, out / "candidates.png"))
+        numbers[f"plan_{name}"] = plan_picture(otpr, args, parts, normalizers, out / picture)["plan"]
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2))
     print(json.dumps(numbers, indent=2))
 

@@ -171,7 +171,7 @@ def test_the_picture_command_draws_every_picture_and_its_numbers(short_runs, tmp
     folder, _ = short_runs
     monkeypatch.chdir(folder)  # the runs' summaries name their pre-trained file relative to it
     pictures.main(["--runs", str(folder / "runs"), "--skip-sweep", "--out", str(tmp_path)])
-    names = ("learning_curves", "rollouts", "candidates", "plan")
+    names = ("learning_curves", "rollouts", "candidates", "plan", "plan_unsupervised")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.png" for n in names] + ["numbers.json"])
     for name in names:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -182,8 +182,8 @@ def test_the_picture_command_draws_every_picture_and_its_numbers(short_runs, tmp
     assert len(numbers["candidates"]) == len(pictures.STATES)
     for entry in numbers["candidates"]:
         assert 0 <= entry["rightward"] <= 1 and 0 <= entry["selected_by_h"] <= 1
-    plan = numbers["plan"]
-    assert 0 <= plan["zero_pairs"] < 1 and 0 <= plan["h_rightward_left_states"] <= 1
+    for plan in (numbers["plan_otpr"], numbers["plan_otpr_u"]):
+        assert 0 <= plan["zero_pairs"] < 1 and 0 <= plan["h_rightward_left_states"] <= 1 and plan["fit_steps"] > 0
 
 
 class Toward:
