@@ -150,10 +150,11 @@ TASK_DEFAULTS = {
                                 buffer_size=250_000, num_steps=100),
     # The small task of utils/two_goals.py: settings that pre-train and fine-tune in under a minute on 2 CPU cores
     # (docs/how_otpr_works.md; 5,000 pre-training steps clone the operators' score, 2,000 do not).
+    # Critic batches of 128: its TD target runs the whole denoising chain at the next states (as DQL's does).
     "TwoGoals-v0": dict(dataset_source="scripted", actor_hidden=(128, 128, 128), pretrain_steps=5000,
                         pretrain_batch_size=256, num_envs=8, eval_frequency=5, eval_episodes=48,
                         critic_hidden=(128, 128), buffer_size=100_000, num_steps=10, total_timesteps=6400,
-                        actor_lr=1e-4),
+                        actor_lr=1e-4, critic_batch_size=128),
 }
 
 
