@@ -176,7 +176,12 @@ def test_shared_definitions_are_textually_identical_to_idql_baseline():
                  "check_args", "read_resume_state", "new_run_dir", "rng_state", "set_rng_state"):
         assert name in ours
     differing = {name for name in idql.keys() & ours.keys() if idql[name] != ours[name]}
-    assert differing <= {"Args", "MAY_BE_ZERO", "FRACTIONS"}, differing
+    assert differing <= {"Args", "MAY_BE_ZERO", "FRACTIONS", "TASK_DEFAULTS"}, differing
+    # TASK_DEFAULTS are flags too, per task, but the same tasks, and their pre-training flags agree: one checkpoint file
+    assert qsm.TASK_DEFAULTS.keys() == idql_baseline.TASK_DEFAULTS.keys()
+    for env_id, theirs in idql_baseline.TASK_DEFAULTS.items():
+        pretraining = [field for field in qsm.PRETRAIN_FIELDS if field in theirs or field in qsm.TASK_DEFAULTS[env_id]]
+        assert [qsm.TASK_DEFAULTS[env_id].get(f) for f in pretraining] == [theirs.get(f) for f in pretraining], env_id
     shared = dict(seed=5, pretrain_steps=123, actor_hidden=(64, 64, 64))
     data = {"observations": np.zeros((3, 60), np.float32), "actions": np.ones((3, 9), np.float32)}
     assert qsm.pretrained_checkpoint_path(qsm.Args(**shared), data) == \
