@@ -140,8 +140,8 @@ def check_env_id(env_id: str, has_dataset_path: bool) -> None:
         raise ValueError(f"Unknown env id {env_id!r}.{suggestion} {SUPPORTED_ENVS}")
     if not has_dataset_path:
         raise ValueError(
-            f"{env_id} has no built-in dataset (only {', '.join(BUILT_IN_IDS)} do): pass --dataset-path with a D4RL-layout HDF5 file "
-            "of its demonstrations."
+            f"{env_id} has no built-in dataset (only {', '.join(BUILT_IN_IDS)} do): pass --dataset-path with a "
+            "D4RL-layout HDF5 file of its demonstrations."
         )
 
 

@@ -33,9 +33,7 @@ def choose_threads(requested: int, usable_cores: int, busy_cores: float, omp_num
     kept 94 it/s."""
     if requested > 0:
         return requested
-    if omp_threads(omp_num_threads):
-        return omp_threads(omp_num_threads)
-    return max(1, usable_cores - round(busy_cores))
+    return omp_threads(omp_num_threads) or max(1, usable_cores - round(busy_cores))
 
 
 def omp_threads(omp_num_threads: Optional[str]) -> int:

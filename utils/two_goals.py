@@ -26,6 +26,8 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
+from utils.runtime import write_atomically
+
 ENV_ID = "TwoGoals-v0"
 START = 0.25  # starts are uniform in [-START, START]^2
 GOOD, POOR = np.array([0.7, 0.7]), np.array([-0.7, 0.7])
@@ -117,13 +119,15 @@ def generate(output: Path, num_demos: int = 200, seed: int = 0) -> Path:
     episodes = [operator_episode(rng) for _ in range(num_demos)]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f"{output.name}.{os.getpid()}.tmp")
-    with h5py.File(temporary, "w") as f:
-        for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
-                           ("terminals", bool), ("timeouts", bool)):
-            f[key] = np.concatenate([np.asarray(episode[key], dtype) for episode in episodes])
-        f.attrs["generator_version"], f.attrs["seed"] = GENERATOR_VERSION, seed
-    os.replace(temporary, output)
+
+    def write(path: Path):
+        with h5py.File(path, "w") as f:
+            for key, dtype in (("observations", np.float32), ("actions", np.float32), ("rewards", np.float32),
+                               ("terminals", bool), ("timeouts", bool)):
+                f[key] = np.concatenate([np.asarray(episode[key], dtype) for episode in episodes])
+            f.attrs["generator_version"], f.attrs["seed"] = GENERATOR_VERSION, seed
+
+    write_atomically(output, write)
     return output
 
 
