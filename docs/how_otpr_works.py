@@ -27,6 +27,7 @@ import torch
 
 from utils import two_goals
 from utils.benchmark import curves, load_summaries
+from utils.runtime import load_checkpoint
 
 SWEEP = Path("docs/sweeps/two_goals.txt")
 OUT = Path("docs/how_otpr_works")
@@ -61,6 +62,7 @@ def load_policy(module, saved: dict, args):
 
 
 def script_args(module, saved_args: dict):
+    """The script's Args from saved flags (lists back to tuples; keys the script does not know, left out)."""
     fields = {f for f in module.Args.__dataclass_fields__}
     return module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved_args.items() if k in fields})
 
@@ -92,7 +94,7 @@ def rollouts(policy, obs_normalizer, action_normalizer, chunk_size: int, starts:
 def otpr_parts(path: Path):
     """otpr.py's module, Args and the fine-tuned run's policy, critics, potentials, cost and replay (checkpoint.pt)."""
     otpr = importlib.import_module("otpr")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(path)
     args = script_args(otpr, saved["args"])
     obs_dim, action_dim = 2, 2 * args.chunk_size
     parts = {"policy": otpr.DiffusionPolicy(obs_dim, action_dim, args),
@@ -132,10 +134,16 @@ def draw_plane(ax, title: str):
     ax.tick_params(labelsize=7)
 
 
+def move_x(chunks: np.ndarray) -> np.ndarray:
+    """How far along x each action chunk (..., steps, 2) moves the point, in units of SPEED (actions clipped as the
+    env clips them)."""
+    return np.clip(chunks, -1, 1)[..., 0].sum(-1)
+
+
 def rightward(chunks: np.ndarray) -> np.ndarray:
-    """Whether each action chunk (..., steps, 2) moves the point right, toward the good goal's side (the good goal is
-    at x = 0.7, the poor one at x = -0.7, both at y = 0.7)."""
-    return np.clip(chunks, -1, 1)[..., 0].sum(-1) > 0
+    """Whether each action chunk moves the point right, toward the good goal's side (the good goal is at x = 0.7, the
+    poor one at x = -0.7, both at y = 0.7)."""
+    return move_x(chunks) > 0
 
 
 def candidates_picture(otpr, args, parts, normalizers, out: Path, num_candidates: int = 64) -> dict:
@@ -198,9 +206,9 @@ def plan_picture(otpr, args, parts, normalizers, out: Path) -> dict:
     states = parts["replay"].sample(batch_size, ("obs",))["obs"]
     actions = parts["replay"].sample(batch_size, ("actions",))["actions"]
     x = obs_normalizer.unnormalize(states)[:, 0].numpy()
-    move_x = np.clip(action_normalizer.unnormalize(actions).view(batch_size, args.chunk_size, 2).numpy(), -1, 1)[..., 0].sum(1)
-    states, actions = states[np.argsort(x)], actions[np.argsort(move_x)]  # the plan does not depend on the order
-    x, move_x = np.sort(x), np.sort(move_x)
+    chunks = action_normalizer.unnormalize(actions).view(batch_size, args.chunk_size, 2).numpy()
+    by_x, by_move = np.argsort(x), np.argsort(move_x(chunks))
+    states, actions, x, chunks = states[by_x], actions[by_move], x[by_x], chunks[by_move]  # the plan ignores order
     cost = cost_fn(parts["qf_target"], states, actions, all_pairs=True, rescale=True)
     optimizer = torch.optim.Adam([*parts["u_net"].parameters(), *parts["v_net"].parameters()], lr=args.ot_lr)
     ascend = functools.partial(otpr.dual_ascent, parts["u_net"], parts["v_net"], optimizer, epsilon=cost_fn.epsilon,
@@ -222,7 +230,7 @@ def plan_picture(otpr, args, parts, normalizers, out: Path) -> dict:
                  f"--ot-mode {args.ot_mode})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
-    left, right, to_right = x < 0, x > 0, move_x > 0
+    left, right, to_right = x < 0, x > 0, rightward(chunks)
     h, q = h.numpy(), q.numpy()
     share = lambda rows: float(h[rows][:, to_right].sum() / max(h[rows].sum(), 1e-12))  # noqa: E731
     gain = lambda rows: float(q[rows][:, to_right].mean() - q[rows][:, ~to_right].mean())  # noqa: E731
@@ -278,9 +286,9 @@ def rollouts_picture(runs: Path, out: Path, num_starts: int = 24) -> dict:
         module = importlib.import_module(Path(script).stem)
         if not panels:
             pretrained = json.loads((folder / "summary.json").read_text())["pretrained_checkpoint"]
-            saved = torch.load(pretrained, map_location="cpu", weights_only=False)
-            panels.append(("pre-trained (shared)", module, saved, script_args(module, saved["meta"]["config"] | {})))
-        saved = torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False)
+            saved = load_checkpoint(Path(pretrained))
+            panels.append(("pre-trained (shared)", module, saved, script_args(module, saved["meta"]["config"])))
+        saved = load_checkpoint(folder / f"{name}.pt")
         panels.append((f"{name}, fine-tuned", module, saved, script_args(module, saved["args"])))
     cols = (len(panels) + 1) // 2
     fig, axes = figure(2, cols, (4 * cols, 6.5))
@@ -303,7 +311,8 @@ def rollouts_picture(runs: Path, out: Path, num_starts: int = 24) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the sweep's runs are (and go)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the runs to draw from are (the sweep "
+                        "itself writes under ./runs)")
     parser.add_argument("--parallel", type=int, default=2, help="runs of the sweep at once")
     parser.add_argument("--skip-sweep", action="store_true", help="draw from the runs there are, run nothing")
     parser.add_argument("--out", type=Path, default=OUT, help="where the PNGs and numbers.json go")
@@ -318,8 +327,7 @@ def main(argv=None):
     for name, picture in (("otpr", "plan.png"), ("otpr_u", "plan_unsupervised.png")):
         folder = run_dir(options.runs, name, 1)
         otpr, args, parts = otpr_parts(folder / "checkpoint.pt")
-        _, *normalizers = load_policy(otpr, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False),
-                                      args)
+        _, *normalizers = load_policy(otpr, load_checkpoint(folder / f"{name}.pt"), args)
         if name == "otpr":
             numbers.update(candidates_picture(otpr, args, parts, normalizers, out / "candidates.png"))
         numbers[f"plan_{name}"] = plan_picture(otpr, args, parts, normalizers, out / picture)["plan"]

@@ -1,7 +1,8 @@
 """Fine-tuning learns TwoGoals-v0 (utils/two_goals.py), for the methods that the measurement shows can: from the
 multimodal pre-trained policy, at the task's TASK_DEFAULTS, seed 1 ends near the optimum. The thresholds are not tuned
-to pass: docs/how_otpr_works.md ("What each method learns") gives the sweep's 5 seeds, and each final-score threshold
-sits below the lowest of them by a margin and above every seed's pre-trained score. OTPR with its OT guidance is not
+to pass: docs/how_otpr_works.md ("What each method learns") gives the sweep's 5 seeds; each final-score threshold
+sits below the lowest of their final scores by a margin and above seed 1's pre-trained score, and each gain threshold
+below the smallest of their gains. OTPR with its OT guidance is not
 here: it does not learn this task (same page, "What H can see"); otpr.py runs here with --guidance q, which checks the
 loop that H acts through (selection among candidates, the weighted actor loss, the critics).
 Planted one-line mistakes that fail these tests, and the ones they do not catch (a unit test does), are listed in the

@@ -4,7 +4,6 @@ picture command of docs/how_otpr_works.md (docs/how_otpr_works.py) on their runs
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from docs import how_otpr_works as pictures
-from tests.e2e import finish, start
+from tests.e2e import ROOT, finish, start
 from utils import two_goals as tg
 from utils.datasets import load_dataset
 from utils.envs import build_env, make_env, state_dims
@@ -135,7 +134,7 @@ def test_only_the_generated_demonstrations_are_built_in():
         load_dataset("TwoGoals-v0", "d4rl")
 
 
-SWEEP_LINES = [line.split() for line in Path("docs/sweeps/two_goals.txt").read_text().splitlines()
+SWEEP_LINES = [line.split() for line in (ROOT / "docs" / "sweeps" / "two_goals.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#") and "--seed 1 " in line + " "]
 
 
