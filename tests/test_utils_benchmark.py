@@ -103,6 +103,19 @@ def test_protocols_column_appears_when_the_history_has_protocols(tmp_path):
     assert "| 40.0 ± 10.0 / 15.0 ± 5.0 |" in table  # aggregate
 
 
+def test_report_tables_scores_by_denoising_steps_over_seeds(tmp_path):
+    """bridger_baseline.py's runs evaluate one policy at several step counts: a row per group, a column per count."""
+    for seed, scores_by_steps in ((1, {10: 40.0, 2: 10.0}), (2, {10: 60.0, 2: 30.0})):
+        history = [{"denoising_steps": n, "env_steps": 0, **scores(value, 0.0)} for n, value in scores_by_steps.items()]
+        write_summary(tmp_path / f"b{seed}", exp_name="bridger_cvae", seed=seed, history=history)
+    write_summary(tmp_path / "other", exp_name="idql", seed=1)  # no step counts: not in the table
+    text = report(tmp_path)
+    assert "| bridger_cvae | Kitchen-Complete-v0 | 2 | 50.0 ± 10.0 | 20.0 ± 10.0 |" in text
+    table = text.split("Behaviour cloning evaluated at several denoising step counts")[1]
+    assert "| exp_name | env | seeds | 10 steps | 2 steps |" in table and "idql" not in table
+    assert "- bridger_cvae seed 1 (10 episodes per evaluation): 10 denoising steps: 40.0, 2 denoising steps: 10.0" in text
+
+
 def test_plot_writes_a_png_of_the_figure_size_with_two_panels(tmp_path):
     for seed, (steps, values) in enumerate([((0, 5600, 11200), (0.0, 25.0, 50.0)), ((0, 5640, 11300), (0.0, 50.0, 100.0))]):
         history = [{"iteration": i * 10, "env_steps": s, **scores(v, v / 100)} for i, (s, v) in enumerate(zip(steps, values))]

@@ -321,7 +321,7 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
             final = final_protocols(s)
             cells.append(" / ".join(_num(final[p]["normalized_score"], ".1f") if p in final else "-" for p in protocols))
         rows.append("| " + " | ".join(map(str, cells)) + " |")
-        points = ", ".join(f"{h.get('env_steps', '?')}: {h['normalized_score']:.1f}" for h in s.get("history", []))
+        points = ", ".join(f"{evaluation_label(h)}: {h['normalized_score']:.1f}" for h in s.get("history", []))
         env_note = f" [{s.get('env_id')}]" if several_envs else ""
         curves.append(f"- {s.get('exp_name')}{env_note} seed {s.get('seed')} "
                       f"({s['final'].get('episodes', '?')} episodes per evaluation): {points}")
@@ -348,6 +348,10 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
 
     lines = [*rows, "", f"Over seeds, per (env, {group_by}): mean ± std (population std, ddof=0) over its runs:",
              *aggregate_rows, "", "Normalized score at each evaluation (env steps: score):", *curves]
+    by_steps = denoising_steps_table(runs, group_by)
+    if by_steps:
+        lines += ["", "Behaviour cloning evaluated at several denoising step counts (bridger_baseline.py): normalized "
+                  "score, mean ± std over seeds:", *by_steps]
     if guidance_rows:
         lines += ["", "The guidance's lever (guidance/* in docs/otpr.md), mean over the run's iterations:",
                   "| run | seed | " + " | ".join(GUIDANCE_TAGS) + " |", "|" + "---|" * (len(GUIDANCE_TAGS) + 2),
@@ -356,6 +360,33 @@ def report(roots: Path | Sequence[Path], group_by: str = "exp_name") -> str:
         lines += ["", "OT fit, mean over the run's fits (held-out and candidate columns: evaluation iterations only):",
                   "| run | seed | " + " | ".join(OT_TAGS) + " |", "|" + "---|" * (len(OT_TAGS) + 2), *ot_rows]
     return "\n".join(lines)
+
+
+def evaluation_label(entry: dict) -> str:
+    """What an evaluation of a run's history is at: its denoising step count (bridger_baseline.py) or its env steps."""
+    if "denoising_steps" in entry:
+        return f"{entry['denoising_steps']} denoising steps"
+    return str(entry.get("env_steps", "?"))
+
+
+def denoising_steps_table(runs: list[tuple[Path, dict]], group_by: str = "exp_name") -> list[str]:
+    """Markdown rows, one per (env id, group) whose runs evaluate at several denoising step counts, one column per
+    step count (most first): the normalized score's mean ± std over the group's runs. [] when no run does."""
+    groups = {key: members for key, members in group_runs(runs, group_by).items()
+              if all("denoising_steps" in h for m in members for h in m.get("history", [])) and
+              all(m.get("history") for m in members)}
+    if not groups:
+        return []
+    counts = sorted({h["denoising_steps"] for members in groups.values() for m in members for h in m["history"]},
+                    reverse=True)
+    rows = [f"| {group_by} | env | seeds | " + " | ".join(f"{n} steps" for n in counts) + " |",
+            "|" + "---|" * (3 + len(counts))]
+    for (env_id, name), members in groups.items():
+        scores = {n: [h["normalized_score"] for m in members for h in m["history"] if h["denoising_steps"] == n]
+                  for n in counts}
+        rows.append(f"| {name} | {env_id} | {len(members)} | " + " | ".join(_mean_std(scores[n], ".1f") for n in counts)
+                    + " |")
+    return rows
 
 
 OT_TAGS = ("steps", "residual_s", "residual_a", "heldout_residual_s", "heldout_residual_a", "frac_zero_h", "q_scale",
