@@ -250,15 +250,41 @@ TINY = ["--seed", "3", "--pretrain-steps", "60", "--pretrained-dir", "pretrained
         "--denoising-steps", "3", "2"]
 
 
+def write_pendulum_demonstrations(path):
+    """Bring-your-own task: two 200-step episodes of random actions on Pendulum-v1, in D4RL's layout."""
+    import gymnasium as gym
+    import h5py
+    import numpy as np
+
+    env = gym.make("Pendulum-v1")
+    rows = {"observations": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []}
+    for episode in range(2):
+        obs, _ = env.reset(seed=episode)
+        for _ in range(200):
+            action = env.action_space.sample()
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(rows, (obs, action, reward, terminated, truncated)):
+                rows[key].append(value)
+            obs = next_obs
+    with h5py.File(path, "w") as f:
+        for key, values in rows.items():
+            f[key] = np.asarray(values)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One tiny run per task family and source, at once, each in its own folder: {name: (folder, output)}."""
+    pendulum = tmp_path_factory.mktemp("data") / "pendulum.hdf5"
+    write_pendulum_demonstrations(pendulum)
     cases = {
         "kitchen_cvae": ["--env-id", "Kitchen-Complete-v0", "--eval-protocols", "single", "sde"],
         "kitchen_data": ["--env-id", "Kitchen-Complete-v0", "--source", "data"],
         "can_gaussian": ["--env-id", "Robomimic-Can-v0", "--dataset-path",
                          str(SMALL_FILES["Robomimic-Can-v0"]), "--source", "gaussian"],
+        "square_data": ["--env-id", "Robomimic-Square-v0", "--dataset-path",
+                        str(SMALL_FILES["Robomimic-Square-v0"]), "--source", "data"],
         "two_goals": ["--env-id", "TwoGoals-v0", "--eval-episodes", "8", "--num-envs", "8"],
+        "pendulum": ["--env-id", "Pendulum-v1", "--dataset-path", str(pendulum)],
     }
     processes = {}
     for name, flags in cases.items():
@@ -272,7 +298,7 @@ def run_folder(cwd, name):
     return folder
 
 
-@pytest.mark.parametrize("name", ["kitchen_cvae", "kitchen_data", "can_gaussian", "two_goals"])
+@pytest.mark.parametrize("name", ["kitchen_cvae", "kitchen_data", "can_gaussian", "square_data", "two_goals", "pendulum"])
 def test_a_run_trains_evaluates_every_step_count_and_logs_the_transport(runs, name):
     cwd, _ = runs[name]
     folder = run_folder(cwd, name)
@@ -288,6 +314,11 @@ def test_a_run_trains_evaluates_every_step_count_and_logs_the_transport(runs, na
     (trained,) = (cwd / "pretrained").glob("*.pt")
     meta = torch.load(trained, weights_only=False)["meta"]
     assert meta["config"]["source"] == summary["source"]
+    if name == "pendulum":  # no reference scores for a custom task: the "normalized score" is the return
+        assert summary["final"]["normalized_score"] == pytest.approx(summary["final"]["episodic_return"])
+        assert summary["final"]["episodic_return"] < 0
+    if name in ("can_gaussian", "square_data"):  # DPPO's success rule: the score is the success rate in percent
+        assert summary["final"]["normalized_score"] == 100 * summary["final"]["success_rate"]
 
 
 def test_the_sde_protocol_is_evaluated_beside_the_ode(runs):
