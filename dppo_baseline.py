@@ -11,7 +11,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -735,10 +734,10 @@ def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = 
 
 
 @torch.no_grad()
-def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
-    """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one DDIM
-    sample per state; `select`: S DDIM samples and one drawn in proportion to the guidance weights. Each env runs a
-    quota of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
+def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device, protocol: str) -> dict:
+    """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`, the only one
+    here (DPPO has no critic of actions to select candidates with): one DDIM sample per state. Each env runs a quota
+    of episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
     obs, _ = envs.reset(seed=args.seed + 100_000)
@@ -746,11 +745,7 @@ def evaluate(envs, policy, weigh, obs_normalizer, action_normalizer, args: Args,
     returns, scores, successes = [], [], []
     while len(returns) < args.eval_episodes:
         obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        if protocol == "single":
-            actions = policy.sample(obs_n, deterministic=True, generator=generator)
-        else:
-            deterministic = partial(policy.sample, deterministic=True, generator=generator)
-            actions, _ = select_candidates(obs_n, deterministic, weigh, args, generator=generator)
+        actions = policy.sample(obs_n, deterministic=True, generator=generator)
         obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
         episode_return += reward
         for i in np.flatnonzero((terminated | truncated) & (quota > 0)):
@@ -862,8 +857,7 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, num_iterations + 1):
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
             tic = time.perf_counter()
-            results = {protocol: evaluate(eval_envs, policy, None, obs_normalizer, action_normalizer, args, device,
-                                          protocol) for protocol in args.eval_protocols}
+            results = {protocol: evaluate(eval_envs, policy, obs_normalizer, action_normalizer, args, device, protocol) for protocol in args.eval_protocols}
             timings["eval"] += time.perf_counter() - tic
             scores = results[args.eval_protocols[0]]
             history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
