@@ -60,7 +60,7 @@ class Args:
     chunk_size: int = 4
     """actions per policy decision (action chunk), all executed open-loop"""
 
-    # Interpolant policy and its behaviour-cloning training (the same budget as the DDPM pre-training of the others)
+    # Interpolant policy and behaviour-cloning pre-training (the same budget as the other scripts' DDPM policy)
     source: Literal["gaussian", "data", "cvae"] = "cvae"
     """the source policy x0: a standard Gaussian, a Gaussian fitted to the demonstrated chunks, or a CVAE of the chunk given the state (the paper's informative source)"""
     noise_scale: float = 0.03
@@ -78,19 +78,19 @@ class Args:
     cvae_kl_weight: float = 1.0
     """weight of the CVAE's KL term against its summed squared reconstruction error"""
     pretrain_steps: int = 80000
-    """behaviour-cloning gradient steps (as the DDPM pre-training of the other scripts)"""
+    """behaviour-cloning gradient steps (DPPO's kitchen recipe; docs/kitchen_complete.md has the sweep)"""
     pretrain_batch_size: int = 128
-    """minibatch size of behaviour cloning"""
+    """minibatch size of behaviour-cloning pre-training"""
     pretrain_lr: float = 1e-3
-    """peak learning rate of behaviour cloning (cosine decay to a tenth of it)"""
+    """peak learning rate of pre-training (cosine decay to a tenth of it)"""
     ema_decay: float = 0.995
     """decay of the exponential moving average of the weights (the EMA weights are evaluated)"""
     pretrain_checkpoint_frequency: int = 5000
-    """save the training state every this many steps; an interrupted training continues from it"""
+    """save the pre-training state every this many steps; an interrupted pre-training continues from it"""
     pretrained_dir: str = "runs/pretrained"
-    """folder of the trained policies, one per env, dataset, seed and training config"""
+    """folder of the shared pre-trained checkpoints, one per env, dataset, seed and pre-training config"""
     pretrained_checkpoint: Optional[str] = None
-    """load this trained policy file instead of the one derived from the config"""
+    """load this pre-trained checkpoint instead of the one derived from the config"""
 
     # Evaluation, logging, checkpoints
     num_envs: int = 2
