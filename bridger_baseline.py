@@ -75,8 +75,8 @@ class Args:
     """latent width of the CVAE source"""
     cvae_hidden: tuple[int, ...] = (256, 256)
     """hidden widths of the CVAE source's encoder and decoder"""
-    cvae_kl_weight: float = 1.0
-    """weight of the CVAE's KL term against its summed squared reconstruction error"""
+    cvae_kl_weight: float = 0.01
+    """weight of the CVAE's KL term against its summed squared reconstruction error (1.0 loses the demonstrations' modes, docs/bridger.md)"""
     pretrain_steps: int = 80000
     """behaviour-cloning gradient steps (DPPO's kitchen recipe; docs/kitchen_complete.md has the sweep)"""
     pretrain_batch_size: int = 128
@@ -373,13 +373,17 @@ class InterpolantPolicy(nn.Module):
 
 @torch.no_grad()
 def transport_distances(policy, obs, actions, num_steps: int, generator) -> dict:
-    """The mechanism: how far the source starts from the demonstrated chunk of the same state, and how far sampling
-    carries it, as root mean squares over the normalised chunk's dimensions: source_to_demo, sample_to_demo,
-    source_to_sample (an informative source starts near the demonstrations and has less to travel)."""
-    x0 = policy.source.sample(obs, generator)
-    x1 = policy.transport(x0, obs, num_steps, deterministic=True)
+    """The mechanism, as root mean squares over the normalised chunk's dimensions, from two source samples per state
+    carried by the ODE: how far the source starts from the demonstrated chunk of the same state and how far sampling
+    carries it (source_to_demo, sample_to_demo, source_to_sample), and how far apart one state's two samples are before
+    and after (source_spread, sample_spread). A source near every state's average chunk is near in the first measure
+    but has no spread: from such a source the ODE cannot choose between the demonstrations' modes."""
+    x0 = policy.source.sample(obs.repeat(2, 1), generator)
+    x1 = policy.transport(x0, obs.repeat(2, 1), num_steps, deterministic=True)
     rms = lambda a, b: ((a - b) ** 2).mean().sqrt().item()
-    return {"source_to_demo": rms(x0, actions), "sample_to_demo": rms(x1, actions), "source_to_sample": rms(x0, x1)}
+    demo = actions.repeat(2, 1)
+    return {"source_to_demo": rms(x0, demo), "sample_to_demo": rms(x1, demo), "source_to_sample": rms(x0, x1),
+            "source_spread": rms(*x0.chunk(2)), "sample_spread": rms(*x1.chunk(2))}
 
 
 # ----------------------------------------------------------------------------------------------------------------

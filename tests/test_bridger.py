@@ -144,10 +144,13 @@ def test_the_euler_steps_land_a_point_target_exactly():
     # what the run logs of the same transport: distances from the source and the sample to the demonstrated chunk
     demo = torch.rand(8, 3) * 2 - 1
     distances = bridger.transport_distances(policy, obs, demo, 10, torch.Generator().manual_seed(1))
+    x0 = policy.source.sample(obs.repeat(2, 1), torch.Generator().manual_seed(1))  # the two samples per state it drew
     rms = lambda a, b: ((a - b) ** 2).mean().sqrt().item()
-    assert distances["source_to_demo"] == pytest.approx(rms(x0, demo))
+    assert distances["source_to_demo"] == pytest.approx(rms(x0, demo.repeat(2, 1)))
     assert distances["sample_to_demo"] == pytest.approx(rms(target.expand(8, 3), demo), abs=1e-5)
-    assert distances["source_to_sample"] == pytest.approx(rms(x0, target.expand(8, 3)), abs=1e-5)
+    assert distances["source_to_sample"] == pytest.approx(rms(x0, target.expand(16, 3)), abs=1e-5)
+    assert distances["source_spread"] == pytest.approx(rms(*x0.chunk(2))) and distances["source_spread"] > 0.1
+    assert distances["sample_spread"] == pytest.approx(0, abs=1e-5)  # every sample lands on the one target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,7 +309,8 @@ def test_a_run_trains_evaluates_every_step_count_and_logs_the_transport(runs, na
     assert [entry["denoising_steps"] for entry in summary["history"]] == [3, 2]
     assert summary["final"] == summary["history"][0]  # the first step count is the headline
     for entry in summary["history"]:
-        assert set(entry["transport"]) == {"source_to_demo", "sample_to_demo", "source_to_sample"}
+        assert set(entry["transport"]) == {"source_to_demo", "sample_to_demo", "source_to_sample", "source_spread",
+                                           "sample_spread"}
         assert entry["transport"]["source_to_sample"] > 0  # sampling moved the source's samples
     logged = scalars(folder)
     assert len(logged["eval_single/normalized_score"]) == 2 and len(logged["transport/source_to_demo"]) == 2
