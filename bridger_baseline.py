@@ -116,7 +116,7 @@ TASK_DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: min-max normalisation, action chunks, replay buffer
+# Data: min-max normalisation, action chunks
 # ----------------------------------------------------------------------------------------------------------------
 class Normalizer:
     """Maps the dataset's [min, max] of every dimension to [-1, 1]; near-constant dimensions keep a small scale."""
