@@ -97,8 +97,8 @@ class Args:
     """parallel evaluation environments (asynchronous when more than one)"""
     eval_episodes: int = 100
     """episodes per evaluation (same initial states and noise every time)"""
-    eval_protocols: tuple[Literal["single", "sde"], ...] = ("single",)
-    """evaluation protocols, the first is the headline: one sample of the ODE dx = b dt (deterministic given the source sample), or one of the paper's SDE"""
+    eval_protocols: tuple[Literal["single", "sde", "source"], ...] = ("single",)
+    """evaluation protocols, the first is the headline: one sample of the ODE dx = b dt (deterministic given the source sample), one of the paper's SDE, or the source's own sample, not transported (what the interpolant adds to it)"""
 
 
 # Bad flag values end the run before it starts: numbers must be positive except these, and FRACTIONS lie in [0, 1].
@@ -659,8 +659,9 @@ def make_vector_env(args: Args, seed: int, num_envs: int, capture_video: bool = 
 def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device, protocol: str,
              num_steps: int) -> dict:
     """Runs `eval_episodes` episodes, always from the same initial states and noise. Protocol `single`: one sample of
-    the ODE per state (deterministic given the source's sample); `sde`: one sample of the SDE. Each env runs a quota of
-    episodes fixed in advance, so that short (successful) episodes are not counted first and more often."""
+    the ODE per state (deterministic given the source's sample); `sde`: one sample of the SDE; `source`: the source's
+    sample as it is (num_steps unused). Each env runs a quota of episodes fixed in advance, so that short (successful)
+    episodes are not counted first and more often."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     quota = args.eval_episodes // envs.num_envs + (np.arange(envs.num_envs) < args.eval_episodes % envs.num_envs)
     obs, _ = envs.reset(seed=args.seed + 100_000)
@@ -668,7 +669,10 @@ def evaluate(envs, policy, obs_normalizer, action_normalizer, args: Args, device
     returns, scores, successes = [], [], []
     while len(returns) < args.eval_episodes:
         obs_n = obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        actions = policy.sample(obs_n, num_steps, deterministic=protocol == "single", generator=generator)
+        if protocol == "source":
+            actions = policy.source.sample(obs_n, generator).clamp(-1, 1)
+        else:
+            actions = policy.sample(obs_n, num_steps, deterministic=protocol == "single", generator=generator)
         obs, reward, terminated, truncated, info = envs.step(action_normalizer.unnormalize(actions).cpu().numpy())
         episode_return += reward
         for i in np.flatnonzero((terminated | truncated) & (quota > 0)):

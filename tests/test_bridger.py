@@ -222,18 +222,29 @@ def test_the_cvae_loss_is_its_negative_elbo_per_dimension(monkeypatch):
 
 
 class RecordingPolicy:
-    """Stands in for the policy in evaluate(): records how it is asked to sample, and returns the zero chunk."""
+    """Stands in for the policy in evaluate(): records how it is asked to sample, and returns the zero chunk; its
+    source records its own calls."""
 
     def __init__(self):
         self.calls = set()
+        self.source = RecordingSource(self.calls)
 
     def sample(self, obs, num_steps, deterministic=False, generator=None):
         self.calls.add((num_steps, deterministic))
         return torch.zeros(len(obs), 8)
 
 
-@pytest.mark.parametrize("protocol, deterministic", [("single", True), ("sde", False)])
-def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, deterministic):
+class RecordingSource:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sample(self, obs, generator=None):
+        self.calls.add(("source", None))
+        return torch.zeros(len(obs), 8)
+
+
+@pytest.mark.parametrize("protocol, call", [("single", (7, True)), ("sde", (7, False)), ("source", ("source", None))])
+def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, call):
     args = bridger.Args(env_id="TwoGoals-v0", num_envs=1, eval_episodes=1)
     envs = bridger.make_vector_env(args, 0, 1)
     normalizer = bridger.Normalizer(-torch.ones(8).numpy(), torch.ones(8).numpy())
@@ -242,7 +253,7 @@ def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, 
     policy = RecordingPolicy()
     result = bridger.evaluate(envs, policy, obs_normalizer, normalizer, args, torch.device("cpu"), protocol, 7)
     envs.close()
-    assert policy.calls == {(7, deterministic)} and result["episodes"] == 1
+    assert policy.calls == {call} and result["episodes"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
