@@ -122,7 +122,7 @@ def test_sampling_with_the_exact_fields_transports_the_source_onto_the_target(de
     policy = bridger.InterpolantPolicy(1, 1, bridger.make_source(args, 1, torch.zeros(4, 1)), args)
     policy.heads = gaussian_heads(mean=0.4, std=0.1, d=d)
     generator = torch.Generator().manual_seed(0)
-    x = policy.sample(torch.zeros(20000, 1), num_steps=400, deterministic=deterministic, generator=generator)
+    x, _ = policy.sample(torch.zeros(20000, 1), num_steps=400, deterministic=deterministic, generator=generator)
     assert x.mean().item() == pytest.approx(0.4, abs=0.01) and x.std().item() == pytest.approx(0.1, abs=0.01)
 
 
@@ -138,7 +138,8 @@ def test_the_euler_steps_land_a_point_target_exactly():
     policy.heads = lambda x, t, obs: (None, None, -3 * (x - target) / (1 - t[:, None]))
     obs, generator = torch.zeros(8, 1), torch.Generator().manual_seed(0)
     for num_steps in (4, 5, 10, 20):
-        assert torch.allclose(policy.sample(obs, num_steps, deterministic=True, generator=generator), target, atol=1e-5)
+        x1, x0 = policy.sample(obs, num_steps, deterministic=True, generator=generator)
+        assert torch.allclose(x1, target, atol=1e-5) and not torch.allclose(x0, target, atol=0.1)
     x0 = policy.source.sample(obs, torch.Generator().manual_seed(1))
     assert torch.allclose(policy.transport(x0, obs, 2, deterministic=True), x0.clamp(-1, 1), atol=0.01)
     # what the run logs of the same transport: distances from the source and the sample to the demonstrated chunk
@@ -222,8 +223,8 @@ def test_the_cvae_loss_is_its_negative_elbo_per_dimension(monkeypatch):
 
 
 class RecordingPolicy:
-    """Stands in for the policy in evaluate(): records how it is asked to sample, and returns the zero chunk; its
-    source records its own calls."""
+    """Stands in for the policy in evaluate(): records how it is asked to sample, and moves the source's zero chunk
+    to 0.5 in every dimension; its source records its own calls."""
 
     def __init__(self):
         self.calls = set()
@@ -231,7 +232,7 @@ class RecordingPolicy:
 
     def sample(self, obs, num_steps, deterministic=False, generator=None):
         self.calls.add((num_steps, deterministic))
-        return torch.zeros(len(obs), 8)
+        return torch.full((len(obs), 8), 0.5), torch.zeros(len(obs), 8)
 
 
 class RecordingSource:
@@ -243,8 +244,9 @@ class RecordingSource:
         return torch.zeros(len(obs), 8)
 
 
-@pytest.mark.parametrize("protocol, call", [("single", (7, True)), ("sde", (7, False)), ("source", ("source", None))])
-def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, call):
+@pytest.mark.parametrize("protocol, call, moved", [("single", (7, True), 0.5), ("sde", (7, False), 0.5),
+                                                   ("source", ("source", None), 0.0)])
+def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, call, moved):
     args = bridger.Args(env_id="TwoGoals-v0", num_envs=1, eval_episodes=1)
     envs = bridger.make_vector_env(args, 0, 1)
     normalizer = bridger.Normalizer(-torch.ones(8).numpy(), torch.ones(8).numpy())
@@ -254,6 +256,7 @@ def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, 
     result = bridger.evaluate(envs, policy, obs_normalizer, normalizer, args, torch.device("cpu"), protocol, 7)
     envs.close()
     assert policy.calls == {call} and result["episodes"] == 1
+    assert result["source_to_sample"] == pytest.approx(moved)  # how far sampling moved the source's samples
 
 
 # ----------------------------------------------------------------------------------------------------------------
