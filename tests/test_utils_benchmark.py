@@ -344,7 +344,10 @@ def test_ctrl_c_asks_each_running_run_once_to_stop_and_waits_for_it(tmp_path, co
                  else ["run", "--scripts", "stoppable.py", "--seeds", "1", "2", "--parallel", "2"])
     tool = subprocess.Popen([sys.executable, "-m", "utils.benchmark", *arguments, "--poll", "0.05"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                            start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            # Ctrl-C as a terminal delivers it, even when the suite itself runs where SIGINT is ignored
+                            # (the background of a non-interactive shell): an ignored signal stays ignored across exec
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(600):
         if len(list(tmp_path.glob("ready_*"))) == 2:
             break
