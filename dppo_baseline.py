@@ -857,7 +857,8 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, num_iterations + 1):
         if iteration % args.eval_frequency == 0 or iteration == num_iterations:
             tic = time.perf_counter()
-            results = {protocol: evaluate(eval_envs, policy, obs_normalizer, action_normalizer, args, device, protocol) for protocol in args.eval_protocols}
+            results = {protocol: evaluate(eval_envs, policy, obs_normalizer, action_normalizer, args, device, protocol)
+                       for protocol in args.eval_protocols}
             timings["eval"] += time.perf_counter() - tic
             scores = results[args.eval_protocols[0]]
             history.append({"iteration": iteration, "env_steps": global_step, **scores, "protocols": results})
