@@ -1,5 +1,5 @@
 """What the end-to-end tests of every algorithm script share: start a script in a folder, wait for it, find its run
-folder, read its TensorBoard scalars, and run it in-process on bad input."""
+folder, read its TensorBoard scalars, write a small bring-your-own dataset, and run it in-process on bad input."""
 import os
 import runpy
 import signal
@@ -51,6 +51,27 @@ def scalars(path: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(path))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def write_pendulum_demonstrations(path):
+    """Bring-your-own task: two 200-step episodes of random actions on Pendulum-v1, in D4RL's layout."""
+    import gymnasium as gym
+    import h5py
+    import numpy as np
+
+    env = gym.make("Pendulum-v1")
+    rows = {"observations": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []}
+    for episode in range(2):
+        obs, _ = env.reset(seed=episode)
+        for _ in range(200):
+            action = env.action_space.sample()
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(rows, (obs, action, reward, terminated, truncated)):
+                rows[key].append(value)
+            obs = next_obs
+    with h5py.File(path, "w") as f:
+        for key, values in rows.items():
+            f[key] = np.asarray(values)
 
 
 def bad_input_error(script: str, flags: list[str], cwd: Path, monkeypatch, capsys) -> str:

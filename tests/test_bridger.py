@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bridger_baseline as bridger
-from tests.e2e import bad_input_error, finish, scalars, start
+from tests.e2e import bad_input_error, finish, scalars, start, write_pendulum_demonstrations
 from tests.test_robomimic_scripts import SMALL_FILES
 
 
@@ -265,27 +265,6 @@ def test_evaluation_samples_with_the_protocols_sampler_and_step_count(protocol, 
 TINY = ["--seed", "3", "--pretrain-steps", "60", "--pretrained-dir", "pretrained", "--num-envs", "1",
         "--eval-episodes", "1", "--actor-hidden", "32", "32", "32", "--cvae-hidden", "16", "16",
         "--denoising-steps", "3", "2"]
-
-
-def write_pendulum_demonstrations(path):
-    """Bring-your-own task: two 200-step episodes of random actions on Pendulum-v1, in D4RL's layout."""
-    import gymnasium as gym
-    import h5py
-    import numpy as np
-
-    env = gym.make("Pendulum-v1")
-    rows = {"observations": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []}
-    for episode in range(2):
-        obs, _ = env.reset(seed=episode)
-        for _ in range(200):
-            action = env.action_space.sample()
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            for key, value in zip(rows, (obs, action, reward, terminated, truncated)):
-                rows[key].append(value)
-            obs = next_obs
-    with h5py.File(path, "w") as f:
-        for key, values in rows.items():
-            f[key] = np.asarray(values)
 
 
 @pytest.fixture(scope="module")

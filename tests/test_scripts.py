@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from tests.e2e import ROOT, bad_input_error, finish, kill_at_first_checkpoint, run_dir, scalars, start
+from tests.e2e import (ROOT, bad_input_error, finish, kill_at_first_checkpoint, run_dir, scalars, start,
+                       write_pendulum_demonstrations)
 
 TINY = [
     "--env-id", "Kitchen-Complete-v0", "--seed", "3", "--pretrain-steps", "50", "--pretrained-dir", "pretrained",
@@ -385,23 +386,7 @@ def test_any_box_env_with_a_d4rl_layout_dataset(tmp_path, script):
     """Bring-your-own task: Pendulum-v1 with a small HDF5 file in D4RL's layout. Its episodes end only by time-out
     (200 steps), which this run reaches in both envs: a time-out must not enter the replay buffer as a terminal state,
     and its stored next state is the episode's last observation, not the next episode's first."""
-    import gymnasium as gym
-    import h5py
-    import numpy as np
-
-    env = gym.make("Pendulum-v1")
-    rows = {"observations": [], "actions": [], "rewards": [], "terminals": [], "timeouts": []}
-    for episode in range(2):
-        obs, _ = env.reset(seed=episode)
-        for t in range(200):
-            action = env.action_space.sample()
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            for key, value in zip(rows, (obs, action, reward, terminated, truncated)):
-                rows[key].append(value)
-            obs = next_obs
-    with h5py.File(tmp_path / "pendulum.hdf5", "w") as f:
-        for key, values in rows.items():
-            f[key] = np.asarray(values)
+    write_pendulum_demonstrations(tmp_path / "pendulum.hdf5")
     decisions = 20  # per env and iteration: 3 iterations x 20 decisions x 4 actions = 240 env steps per env > 200
     args = TINY[2:] + (OTPR_TINY if script == "otpr.py" else [])
     args[args.index("--num-steps") + 1] = str(decisions)
