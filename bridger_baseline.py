@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_dataset
 from utils.envs import make_env
-from utils.runtime import RateWatch, RunGuard, check_writable, load_checkpoint, save_checkpoint, save_summary, set_threads
+from utils.runtime import (RateWatch, RunGuard, check_writable, load_checkpoint, save_checkpoint, save_summary,
+                           set_threads)
 
 
 @dataclass
@@ -226,7 +227,8 @@ class GaussianSource(nn.Module):
     def fit(actions):
         """The demonstrated chunks' mean and covariance (a little jitter keeps a constant dimension factorisable)."""
         centered = actions.double() - actions.double().mean(0)
-        covariance = centered.T @ centered / (len(actions) - 1) + 1e-6 * torch.eye(actions.shape[1], dtype=torch.float64)
+        jitter = 1e-6 * torch.eye(actions.shape[1], dtype=torch.float64)
+        covariance = centered.T @ centered / (len(actions) - 1) + jitter
         return GaussianSource(actions.double().mean(0).float(), torch.linalg.cholesky(covariance).float())
 
     def sample(self, obs, generator=None):
@@ -296,7 +298,8 @@ def interpolant_losses(velocity, score, drift, x0, x1, z, t, noise_scale: float)
     expectation given x_t, where dI/dt = w0' x0 + w1' x1 is the velocity of the interpolant without its noise:
     velocity  L_v = 1/2 |v|^2 - dI/dt . v            -> v = E[dI/dt | x_t]
     score     L_s = 1/2 |s|^2 + z . s                -> s = -E[z | x_t] = d gamma(t) grad log rho_t(x_t)
-    drift     L_b = 1/2 |b|^2 - (dI/dt + d gamma'(t) z) . b  -> b = E[dx_t/dt | x_t], the ODE dx = b dt keeps x_t's law."""
+    drift     L_b = 1/2 |b|^2 - (dI/dt + d gamma'(t) z) . b  -> b = E[dx_t/dt | x_t]
+    (the ODE dx = b dt keeps x_t's law)."""
     c = interpolant(t)
     interpolant_velocity = c["dw0"] * x0 + c["dw1"] * x1
     return {"velocity": (0.5 * velocity**2 - interpolant_velocity * velocity).mean(-1),
@@ -728,7 +731,7 @@ if __name__ == "__main__":
         print("--cuda: no GPU available, running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Normalisation, the source and the interpolant policy, trained on the demonstrations (or loaded when trained before)
+    # Normalisation, the source and the interpolant policy, trained on the demonstrations (or loaded if trained before)
     obs_dim, action_dim = chunks["obs"].shape[1], chunks["actions"].shape[1]
     obs_normalizer = Normalizer(dataset["observations"].min(0), dataset["observations"].max(0)).to(device)
     action_normalizer = Normalizer(*(np.tile(f(dataset["actions"], 0), args.chunk_size) for f in (np.min, np.max))).to(device)
