@@ -171,7 +171,7 @@ def test_run_with_parallel_one_runs_every_job_one_at_a_time(tmp_path):
     assert set(events) == {(name, seed) for name in ("first.py", "second.py") for seed in (1, 2)}
     intervals = sorted((e["start"], e["end"]) for e in events.values())
     assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:]))
-    log = (tmp_path / "logs" / "second__seed2.log").read_text()
+    log = (tmp_path / "logs" / "Kitchen-Complete-v0__second__2.log").read_text()  # <env id>__<exp name>__<seed>
     assert "pre-trained policy from x 2 ['--seed', '2', '--flag', '3']" in log
 
 
@@ -185,12 +185,15 @@ def test_run_starts_a_seeds_other_scripts_after_the_pretrained_marker(tmp_path):
     assert events[("first.py", 2)]["start"] < events[("first.py", 1)]["end"]
 
 
-def test_run_skips_a_seeds_other_scripts_when_its_first_script_fails(tmp_path):
+def test_run_reports_a_failed_first_script_and_then_starts_its_seeds_other_scripts(tmp_path):
+    """Without the seed's pre-trained file the others pre-train it themselves or fail on their own: each failure is
+    named once, and no run waits forever."""
     (tmp_path / "broken.py").write_text("raise SystemExit(3)\n")
     scripts, record = fake_scripts(tmp_path)
-    with pytest.raises(SystemExit, match="failed or skipped"):
+    with pytest.raises(SystemExit, match=r"failed: \[.*broken.py --seed 1.*\]") as failure:
         run([str(tmp_path / "broken.py"), scripts[1]], [1], [], logs=tmp_path / "logs", poll_s=0.01)
-    assert not record.exists()
+    assert "second.py" not in str(failure.value)
+    assert set(read_events(record)) == {("second.py", 1)}
 
 
 def test_speed_measures_env_only_and_training_sps_and_splits_the_ot_phase(capsys):
@@ -274,7 +277,7 @@ def test_queue_reports_failed_lines_and_refuses_lines_it_could_not_find_again(tm
     with pytest.raises(SystemExit) as exit_info:
         main(["queue", str(sweep)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: queue line 'fake.py --env-id Env-v0 --seed 1' does not give --exp-name")
+    assert capsys.readouterr().err.startswith("error: sweep line 'fake.py --env-id Env-v0 --seed 1' does not give --exp-name")
 
 
 @pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])

@@ -30,6 +30,7 @@ SPS of a short run of the script at its default sizes (evaluation excluded), the
 every phase with the OT phase split into its cost matrix and its potential fit, and pre-training steps per second.
 """
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,115 @@ PHASE_NAMES = {"ot": "OT"}
 PRETRAINED_MARKER = "pre-trained policy"  # "saved the pre-trained policy to ..." / "loaded the pre-trained policy from ..."
 
 
-# ----------------------------------------------------------------------------------------------------------- run
+# --------------------------------------------------------------------------------------------------------- sweeps
+SWEEPS = Path(__file__).resolve().parents[1] / "docs" / "sweeps"  # --preset NAME is the sweep file SWEEPS/NAME.txt
+DEFAULT_ENV_ID = "Kitchen-Complete-v0"  # every script's --env-id default
+
+
+@dataclass
+class SweepRun:
+    """One run of a sweep: the script and its flags as a command line has them, and the (env id, exp name, seed) that
+    name its folder runs/<env id>__<exp name>__<seed>__<start time>, by which a sweep started again finds it."""
+    tokens: list[str]
+    env_id: str
+    exp_name: str
+    seed: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.env_id}__{self.exp_name}__{self.seed}"
+
+
+def flag_value(tokens: Sequence[str], flag: str, default: str | None = None) -> str | None:
+    """The value that follows `flag` in a command line (its last occurrence wins, as in the scripts), or `default`."""
+    positions = [i for i, token in enumerate(tokens) if token == flag and i + 1 < len(tokens)]
+    return tokens[positions[-1] + 1] if positions else default
+
+
+def runs_of_scripts(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str]) -> list[SweepRun]:
+    """`run --scripts ... --seeds ... -- extra`: every script for every seed, with the extra flags; a run's exp name is
+    the script's own default (its file name) unless the flags give one."""
+    return [SweepRun([script, "--seed", str(seed), *extra], flag_value(extra, "--env-id", DEFAULT_ENV_ID),
+                     flag_value(extra, "--exp-name", Path(script).stem), str(seed))
+            for seed in seeds for script in scripts]
+
+
+def read_sweep(path: Path) -> list[SweepRun]:
+    """The runs of a sweep file: one command line per run (`script --flag value ...`; blank lines and # comments
+    skipped), each naming --env-id, --exp-name and --seed, no two the same."""
+    runs = []
+    for line in Path(path).read_text().splitlines():
+        tokens = line.split()
+        if not tokens or tokens[0].startswith("#"):
+            continue
+        missing = [flag for flag in ("--env-id", "--exp-name", "--seed") if flag_value(tokens, flag) is None]
+        if missing:
+            raise ValueError(f"sweep line {line.strip()!r} does not give {missing[0]}: every line names --env-id, "
+                             "--exp-name and --seed, so that its run can be found and continued")
+        runs.append(SweepRun(tokens, *(flag_value(tokens, flag) for flag in ("--env-id", "--exp-name", "--seed"))))
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"{path}: two lines name the same (env id, exp name, seed)")
+    return runs
+
+
+def presets() -> list[str]:
+    """The names `--preset` accepts: the sweep files of docs/sweeps/."""
+    return sorted(path.stem for path in SWEEPS.glob("*.txt"))
+
+
+def preset_path(name: str) -> Path:
+    """docs/sweeps/<name>.txt, or a ValueError listing the presets."""
+    if name not in presets():
+        raise ValueError(f"no preset {name!r}; the presets are the sweep files of docs/sweeps/: {', '.join(presets())}")
+    return SWEEPS / f"{name}.txt"
+
+
+def leaders(runs: Sequence[SweepRun]) -> list[int | None]:
+    """For each run, the index of the run it waits for (None: it starts when a slot is free). Runs of one env id and
+    seed usually share a pre-trained file (the scripts name it by the pre-training's config): the first of them
+    pre-trains it and the others start once it has saved or loaded one, or has ended, so that no two of them train the
+    same file at once and every method fine-tunes the same policy."""
+    first, waits_for = {}, []
+    for index, run in enumerate(runs):
+        key = (run.env_id, run.seed)
+        waits_for.append(first.get(key))
+        first.setdefault(key, index)
+    return waits_for
+
+
+def unfinished(runs: Sequence[SweepRun], runs_root: Path) -> list[SweepRun]:
+    """The runs of a sweep that have no finished folder (summary.json) under runs_root; a finished one is named and
+    skipped, so that a sweep started again runs nothing twice (delete its folder, or change --exp-name, to run it again)."""
+    todo = []
+    for run in runs:
+        if any((folder / "summary.json").is_file() for folder in Path(runs_root).glob(f"{run.name}__*")):
+            print(f"done before: {' '.join(run.tokens)}", flush=True)
+        else:
+            todo.append(run)
+    return todo
+
+
+def resumable_folder(run: SweepRun, runs_root: Path) -> Path | None:
+    """The newest folder of the run that holds a checkpoint.pt, which `--resume` continues; None to start afresh."""
+    folders = [folder for folder in sorted(Path(runs_root).glob(f"{run.name}__*")) if (folder / "checkpoint.pt").is_file()]
+    return folders[-1] if folders else None
+
+
+def with_tracking(runs: Sequence[SweepRun], sweep: str, preset: str | None, project: str, entity: str | None) -> list[SweepRun]:
+    """--track passed through to every run, with W&B tags naming the sweep, the commit and the preset."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=SWEEPS, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    tags = [f"sweep:{sweep}"[:64], f"commit:{commit}", *([f"preset:{preset}"] if preset else [])]
+    flags = ["--track", "--wandb-project-name", project, *(["--wandb-entity", entity] if entity else []),
+             "--wandb-tags", *tags]
+    return [dataclasses.replace(run, tokens=[*run.tokens, *flags]) for run in runs]
+
+
+# ---------------------------------------------------------------------------------------------- local launcher
 def job_environment(threads: int) -> dict:
     """The environment of a started run: `threads` OpenMP/MKL/torch threads, and unbuffered output, so that the logs
     are live (and the pre-trained marker shows as soon as it is printed)."""
@@ -84,14 +194,12 @@ def stop_jobs(processes: Sequence[subprocess.Popen]) -> None:
             process.wait()
 
 
-def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], parallel: int | None = None,
-        threads: int = 1, logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
-    """Runs every script for every seed, at most `parallel` jobs at a time (None: all at once).
-
-    A seed's first script starts at once; its other scripts wait until the first one's log contains
-    "pre-trained policy" (or it exited cleanly). Jobs are started in the order: first scripts of every seed, then the
-    others as their seed's checkpoint becomes available. Raises SystemExit naming the failed jobs, if any.
-    """
+def launch_local(runs: Sequence[SweepRun], parallel: int | None = None, threads: int = 1, runs_root: Path = Path("runs"),
+                 logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
+    """Runs the sweep's unfinished runs as processes on this machine, at most `parallel` at a time (None: all), each
+    with `threads` threads; an interrupted run (a folder with checkpoint.pt) continues with `--resume`; a run that
+    shares its env id and seed with an earlier one waits for it (leaders). Logs: <logs>/<run name>.log, appended to.
+    Raises SystemExit naming the failed runs, if any."""
     if parallel is not None and parallel < 1:
         raise ValueError(f"--parallel must be at least 1, got {parallel}")
     if threads < 1:
@@ -99,118 +207,76 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
     logs = Path(logs)
     logs.mkdir(parents=True, exist_ok=True)
     env = job_environment(threads)
-
-    jobs = []  # dicts: command, log, gate (the job whose log must show the marker, or None), state, process, ...
-    for seed in seeds:
-        first = None
-        for position, script in enumerate(scripts):
-            job = {"command": [sys.executable, script, "--seed", str(seed), *extra],
-                   "log": logs / f"{Path(script).stem}__seed{seed}.log", "gate": first, "state": "pending",
-                   "process": None, "handle": None, "start": None, "marker": False}
-            jobs.append(job)
-            first = job if position == 0 else first
-    jobs.sort(key=lambda job: job["gate"] is not None)  # stable: every seed's first script, then the others
-    limit = parallel or len(jobs)
+    runs = unfinished(runs, runs_root)
+    jobs = []  # dicts: run, command, log, leader (a job or None), state, process, handle, start, marker
+    for run, leader in zip(runs, leaders(runs)):
+        folder = resumable_folder(run, runs_root)
+        command = [sys.executable, run.tokens[0], *(["--resume", str(folder)] if folder else run.tokens[1:])]
+        jobs.append({"run": run, "command": command, "log": logs / f"{run.name}.log", "state": "pending",
+                     "leader": None if leader is None else jobs[leader], "process": None, "handle": None,
+                     "start": None, "marker": False})
+    limit = parallel or max(len(jobs), 1)
 
     def has_marker(job) -> bool:
         if not job["marker"] and job["log"].exists():
             job["marker"] = PRETRAINED_MARKER in job["log"].read_text(errors="ignore")
         return job["marker"]
 
-    def start(job) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(job['command'])}  (log: {job['log']})", flush=True)
-        job["handle"] = job["log"].open("w")
-        job["process"] = start_job(job["command"], job["handle"], env)
-        job["state"], job["start"] = "running", time.time()
-
     try:
         while any(job["state"] in ("pending", "running") for job in jobs):
             for job in jobs:
                 if job["state"] == "running" and (code := job["process"].poll()) is not None:
                     job["handle"].close()
-                    job["state"], job["returncode"] = ("done" if code == 0 else "failed"), code
+                    job["state"] = "done" if code == 0 else "failed"
                     print(f"[{time.strftime('%H:%M:%S')}] {'done' if code == 0 else f'FAILED (exit {code})'} after "
                           f"{(time.time() - job['start']) / 60:.1f} min: {' '.join(job['command'])}", flush=True)
             running = sum(job["state"] == "running" for job in jobs)
             for job in jobs:
-                if job["state"] != "pending":
-                    continue
-                gate = job["gate"]
-                if gate is not None and gate["state"] in ("failed", "skipped") and not has_marker(gate):
-                    job["state"] = "skipped"  # its seed's first script died before making the checkpoint
-                    print(f"skipped (the first script of its seed failed): {' '.join(job['command'])}", flush=True)
-                    continue
-                ready = gate is None or gate["state"] == "done" or has_marker(gate)
-                if ready and running < limit:
-                    start(job)
+                leader = job["leader"]
+                ready = leader is None or leader["state"] in ("done", "failed") or has_marker(leader)
+                if job["state"] == "pending" and ready and running < limit:
+                    print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(job['command'])}  (log: {job['log']})",
+                          flush=True)
+                    job["handle"] = job["log"].open("a")
+                    job["process"] = start_job(job["command"], job["handle"], env)
+                    job["state"], job["start"] = "running", time.time()
                     running += 1
             if any(job["state"] in ("pending", "running") for job in jobs):
                 time.sleep(poll_s)
     except BaseException:  # Ctrl-C or an error here: do not leave the jobs this call started running unattended
         stop_jobs([job["process"] for job in jobs if job["state"] == "running"])
         raise
-    failed = [" ".join(job["command"]) for job in jobs if job["state"] in ("failed", "skipped")]
+    failed = [" ".join(job["command"]) for job in jobs if job["state"] == "failed"]
     if failed:
-        raise SystemExit(f"failed or skipped: {failed} (see {logs})")
+        raise SystemExit(f"failed: {failed} (see {logs})")
 
 
-# --------------------------------------------------------------------------------------------------------- queue
-def run_identity(tokens: Sequence[str]) -> tuple[str, str, str]:
-    """(env id, exp name, seed) that a queue line's flags give its run: each must be named (--env-id, --exp-name,
-    --seed), so that the run folder runs/<env id>__<exp name>__<seed>__<time> can be found again."""
-    identity = []
-    for flag in ("--env-id", "--exp-name", "--seed"):
-        if flag not in tokens or tokens.index(flag) + 1 >= len(tokens):
-            raise ValueError(f"queue line {' '.join(tokens)!r} does not give {flag}: every line names --env-id, "
-                             "--exp-name and --seed, so that its run can be found and continued")
-        identity.append(tokens[tokens.index(flag) + 1])
-    return tuple(identity)
+def launch(runs: Sequence[SweepRun], launcher: str = "local", parallel: int | None = None, threads: int = 1,
+           runs_root: Path = Path("runs"), logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0,
+           **ray_options) -> None:
+    """Runs a sweep through the chosen launcher: `local` (processes on this machine) or `ray` (tasks on a Ray cluster,
+    utils/ray_launcher.py; needs requirements-sweeps.txt)."""
+    if launcher == "local":
+        return launch_local(runs, parallel, threads, runs_root, logs, poll_s)
+    from utils.ray_launcher import launch_ray
+
+    return launch_ray(runs, parallel=parallel, threads=threads, runs_root=runs_root, logs=logs, poll_s=poll_s,
+                      **ray_options)
+
+
+def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], parallel: int | None = None,
+        threads: int = 1, logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0, launcher: str = "local",
+        runs_root: Path = Path("runs"), **ray_options) -> None:
+    """Runs every script for every seed with the extra flags (runs_of_scripts); a seed's first script runs first and
+    pre-trains the seed's shared policy, the others start once it is there. Raises SystemExit naming failed runs."""
+    launch(runs_of_scripts(scripts, seeds, extra), launcher, parallel, threads, runs_root, logs, poll_s, **ray_options)
 
 
 def queue(path: Path, parallel: int = 1, threads: int = 1, runs_root: Path = Path("runs"),
-          logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
-    """Runs the lines of `path` ("script --flag value ...", blank lines and # comments skipped), at most `parallel` at
-    a time, so that a sweep longer than a session can be stopped and started again with the same command: a line whose
-    run folder holds summary.json is done and skipped; one whose folder holds checkpoint.pt continues with
-    `--resume <folder>`; the others start afresh. Lines that share a pre-trained file which does not exist yet should
-    not run at once (the first pre-trains it). Raises SystemExit naming the failed lines, if any."""
-    lines = [line.split() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
-    identities = [run_identity(tokens) for tokens in lines]
-    if len(set(identities)) < len(identities):
-        raise ValueError(f"{path}: two lines name the same (env id, exp name, seed)")
-    logs = Path(logs)
-    logs.mkdir(parents=True, exist_ok=True)
-    env = job_environment(threads)
-    pending, running, failed = [], [], []
-    for tokens, (env_id, exp_name, seed) in zip(lines, identities):
-        folders = sorted(Path(runs_root).glob(f"{env_id}__{exp_name}__{seed}__*"))
-        if any((folder / "summary.json").is_file() for folder in folders):
-            print(f"done before: {' '.join(tokens)}", flush=True)
-            continue
-        resumable = [folder for folder in folders if (folder / "checkpoint.pt").is_file()]
-        command = [sys.executable, tokens[0], *(["--resume", str(resumable[-1])] if resumable else tokens[1:])]
-        pending.append((command, logs / f"{env_id}__{exp_name}__{seed}.log"))
-    try:
-        while pending or running:
-            for job in [job for job in running if job[0].poll() is not None]:
-                running.remove(job)
-                process, handle, command = job
-                handle.close()
-                if process.returncode:
-                    failed.append(" ".join(command))
-                print(f"[{time.strftime('%H:%M:%S')}] {'FAILED' if process.returncode else 'done'}: "
-                      f"{' '.join(command)}", flush=True)
-            while pending and len(running) < parallel:
-                command, log = pending.pop(0)
-                print(f"[{time.strftime('%H:%M:%S')}] start: {' '.join(command)}  (log: {log})", flush=True)
-                handle = log.open("a")
-                running.append((start_job(command, handle, env), handle, command))
-            time.sleep(poll_s if running else 0)
-    except BaseException:  # Ctrl-C: stop the runs this call started, each with a checkpoint the next call resumes
-        stop_jobs([process for process, _, _ in running])
-        raise
-    if failed:
-        raise SystemExit(f"failed: {failed} (see {logs})")
+          logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0, launcher: str = "local", **ray_options) -> None:
+    """Runs the lines of a sweep file (read_sweep), so that a sweep longer than a session can be stopped and started
+    again with the same command: a finished run is skipped, an interrupted one continues from its checkpoint."""
+    launch(read_sweep(path), launcher, parallel, threads, runs_root, logs, poll_s, **ray_options)
 
 
 # -------------------------------------------------------------------------------------------------------- report
@@ -582,21 +648,38 @@ def speed_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="run scripts x seeds; arguments after -- go to every script")
+    sweep_options = argparse.ArgumentParser(add_help=False)  # how any sweep runs: `run` and `queue`
+    sweep_options.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per run (default: 1)")
+    sweep_options.add_argument("--launcher", choices=["local", "ray"], default="local",
+                               help="local: processes on this machine; ray: tasks on a Ray cluster (utils/ray_launcher.py)")
+    sweep_options.add_argument("--address", default=None,
+                               help="with --launcher ray: the cluster (auto: the one this machine belongs to; default: "
+                                    "a local Ray instance)")
+    sweep_options.add_argument("--cpus-per-run", type=float, default=1, help="with --launcher ray: CPUs a run requests")
+    sweep_options.add_argument("--gpus-per-run", type=float, default=0,
+                               help="with --launcher ray: GPUs a run requests (0.25: four runs share a GPU)")
+    sweep_options.add_argument("--retries", type=int, default=2,
+                               help="with --launcher ray: times a run whose worker died is continued from its checkpoint")
+    sweep_options.add_argument("--track", action="store_true",
+                               help="every run logs to Weights & Biases, tagged with the sweep, the commit and the preset")
+    sweep_options.add_argument("--wandb-project-name", default="otpr", help="with --track: the W&B project")
+    sweep_options.add_argument("--wandb-entity", default=None, help="with --track: the W&B team or user")
+    sweep_options.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
+    sweep_options.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    run_parser = commands.add_parser("run", parents=[sweep_options],
+                                     help="run scripts x seeds (arguments after -- go to every script), or a preset")
     run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS))
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[1])
-    run_parser.add_argument("--parallel", type=int, default=None, help="at most this many jobs at once (default: all)")
-    run_parser.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per job (default: 1)")
-    run_parser.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
-    run_parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    run_parser.add_argument("--preset", default=None,
+                            help=f"a named sweep instead of scripts x seeds: {', '.join(presets())} (docs/sweeps/)")
+    run_parser.add_argument("--parallel", type=int, default=None, help="at most this many runs at once (default: all)")
     run_parser.add_argument("extra", nargs=argparse.REMAINDER)
-    queue_parser = commands.add_parser("queue", help="run a file of command lines; started again, skips finished "
-                                         "runs and resumes interrupted ones")
+    queue_parser = commands.add_parser("queue", parents=[sweep_options],
+                                       help="run a sweep file of command lines; started again, skips finished runs "
+                                            "and resumes interrupted ones")
     queue_parser.add_argument("file", type=Path)
-    queue_parser.add_argument("--parallel", type=int, default=1, help="at most this many runs at once (default: 1)")
-    queue_parser.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per run (default: 1)")
-    queue_parser.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
-    queue_parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    queue_parser.add_argument("--parallel", type=int, default=None,
+                              help="at most this many runs at once (default: 1 locally; with ray, what the cluster fits)")
     report_parser = commands.add_parser("report", help="markdown tables of every summary.json under the folders")
     report_parser.add_argument("roots", type=Path, nargs="*", default=[Path("runs")])
     report_parser.add_argument("--group-by", default="exp_name", help="summary.json key to aggregate seeds by")
@@ -614,14 +697,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     speed_parser.add_argument("--pretrain-steps", type=int, default=500, help="pre-training steps timed")
     speed_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the script")
     parsed = parser.parse_args(argv)
-    if parsed.command == "run":
-        run(parsed.scripts, parsed.seeds, [a for a in parsed.extra if a != "--"], parsed.parallel, parsed.threads,
-            parsed.logs, parsed.poll)
-    elif parsed.command == "queue":
+    if parsed.command in ("run", "queue"):
         try:
-            queue(parsed.file, parsed.parallel, parsed.threads, logs=parsed.logs, poll_s=parsed.poll)
-        except (ValueError, FileNotFoundError) as error:  # a sweep file it cannot run: one line, exit code 2
-            parser.exit(2, f"error: {error}\n")
+            extra = [a for a in getattr(parsed, "extra", []) if a != "--"]
+            if parsed.command == "queue" or parsed.preset:
+                if extra:
+                    raise ValueError(f"flags after -- go with --scripts, not with a sweep file or preset: {extra}")
+                path = parsed.file if parsed.command == "queue" else preset_path(parsed.preset)
+                runs, sweep = read_sweep(path), Path(path).stem
+            else:
+                runs, sweep = runs_of_scripts(parsed.scripts, parsed.seeds, extra), "run"
+            if parsed.track:
+                runs = with_tracking(runs, sweep, getattr(parsed, "preset", None), parsed.wandb_project_name,
+                                     parsed.wandb_entity)
+            ray_options = {}
+            if parsed.command == "queue" and parsed.launcher == "local":
+                parsed.parallel = parsed.parallel or 1
+            if parsed.launcher == "ray":
+                importlib.import_module("utils.ray_launcher")  # without Ray: one line here, not a traceback later
+                ray_options = {"address": parsed.address, "cpus_per_run": parsed.cpus_per_run,
+                               "gpus_per_run": parsed.gpus_per_run, "retries": parsed.retries}
+            for name in ("parallel", "threads"):
+                if (getattr(parsed, name) or 1) < 1:
+                    raise ValueError(f"--{name} must be at least 1, got {getattr(parsed, name)}")
+        except (ValueError, FileNotFoundError, ImportError) as error:  # a sweep it cannot run: one line, exit code 2
+            parser.exit(2, f"error: {error}\n" if not isinstance(error, ImportError) else
+                        f"error: --launcher ray needs Ray: pip install -r requirements-sweeps.txt -c constraints.txt "
+                        f"({error})\n")
+        launch(runs, parsed.launcher, parsed.parallel, parsed.threads, logs=parsed.logs, poll_s=parsed.poll,
+               **ray_options)
     elif parsed.command == "report":
         print(report(parsed.roots, parsed.group_by))
     elif parsed.command == "speed":
