@@ -139,3 +139,15 @@ def test_a_second_start_of_a_finished_sweep_runs_nothing(sweeps):
     assert output.count("done before:") == 2, output
     assert "running" not in output
     assert sorted(path.name for path in (cluster / "runs").iterdir()) == before
+
+
+def test_resources_the_cluster_lacks_are_one_line_and_exit_2(tmp_path):
+    """A run that asks for a GPU on a cluster without one would wait forever: the sweep refuses it at once."""
+    cluster = copy_of_repository(tmp_path)
+    (cluster / "sweep.txt").write_text(SWEEP[1] + "\n")
+    output, _ = benchmark(cluster, "queue", "sweep.txt", "--launcher", "ray", "--gpus-per-run", "0.25").communicate(
+        timeout=300)
+    assert output.strip().splitlines()[-1] == ("error: each run requests 1 CPUs and 0.25 GPUs, and the cluster has "
+                                               f"{os.cpu_count()} and 0: no run could start (--cpus-per-run, "
+                                               "--gpus-per-run)"), output
+    assert not list(cluster.glob("runs/Kitchen-Complete-v0__*"))

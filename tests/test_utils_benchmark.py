@@ -359,3 +359,118 @@ def test_ctrl_c_asks_each_running_run_once_to_stop_and_waits_for_it(tmp_path, co
     output = tool.communicate(timeout=60)[0]
     assert "stopping 2 running run(s) at their next safe point" in output
     assert sorted(path.read_text() for path in tmp_path.glob("signals_*")) == ["1", "1"], output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets (docs/sweeps/*.txt), leaders, --track, launcher errors
+# ----------------------------------------------------------------------------------------------------------------
+RECORDING_SCRIPT = """import sys
+open({record!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
+"""
+
+
+def test_every_preset_line_is_a_command_its_script_accepts(monkeypatch):
+    """Each line of each sweep file parses with its script's own flags and TASK_DEFAULTS and passes its checks (a
+    budget of whole iterations, positive sizes), so that a preset never fails hours into a sweep on a typo."""
+    import importlib
+    import sys
+
+    from utils.benchmark import SWEEPS, presets, read_sweep
+
+    assert {"paper_state", "kitchen_otpr_idql", "kitchen_five_methods", "can_five_methods", "square_five_methods",
+            "bridger_two_goals", "two_goals", "actor_objective"} <= set(presets())
+    checked = 0
+    for name in presets():
+        for sweep_run in read_sweep(SWEEPS / f"{name}.txt"):
+            module = importlib.import_module(sweep_run.tokens[0].removesuffix(".py"))
+            monkeypatch.setattr(sys, "argv", sweep_run.tokens)
+            args = module.parse_args()
+            module.check_args(args)
+            assert (args.env_id, args.exp_name, str(args.seed)) == (sweep_run.env_id, sweep_run.exp_name, sweep_run.seed)
+            checked += 1
+    assert checked > 300
+
+
+def test_a_presets_pretrained_checkpoint_is_the_file_its_seed_1_lines_make(monkeypatch):
+    import sys
+
+    import otpr
+    from utils.benchmark import SWEEPS, flag_value, read_sweep
+    from utils.datasets import load_dataset
+
+    runs = read_sweep(SWEEPS / "kitchen_five_methods.txt")
+    named = {flag_value(r.tokens, "--pretrained-checkpoint") for r in runs} - {None}
+    (seed_1_otpr,) = [r for r in runs if r.seed == "1" and r.tokens[0] == "otpr.py"]
+    monkeypatch.setattr(sys, "argv", seed_1_otpr.tokens)
+    args = otpr.parse_args()
+    made = otpr.pretrained_checkpoint_path(args, load_dataset(args.env_id, args.dataset_source, args.dataset_path))
+    assert named == {str(made)}
+
+
+def test_runs_of_one_env_and_pretrained_seed_wait_for_the_first_of_them():
+    from utils.benchmark import SWEEPS, leaders, read_sweep
+
+    runs = read_sweep(SWEEPS / "kitchen_five_methods.txt")
+    waits_for = leaders(runs)
+    assert waits_for[0] is None and set(waits_for[1:]) == {0}  # seed 2 fine-tunes seed 1's file: it waits too
+    runs = read_sweep(SWEEPS / "can_five_methods.txt")
+    firsts = {run.seed: index for index, run in reversed(list(enumerate(runs)))}
+    assert leaders(runs) == [None if firsts[run.seed] == index else firsts[run.seed] for index, run in enumerate(runs)]
+
+
+def test_run_preset_runs_the_named_sweep_file_and_passes_tracking_with_its_tags(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import utils.benchmark as benchmark
+
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "argv.txt"
+    (tmp_path / "fake.py").write_text(RECORDING_SCRIPT.format(record=str(record)))
+    presets_dir = tmp_path / "sweeps"
+    presets_dir.mkdir()
+    (presets_dir / "tiny.txt").write_text("# a comment\nfake.py --env-id Env-v0 --exp-name a --seed 1\n"
+                                          "fake.py --env-id Env-v0 --exp-name b --seed 2 --x 1\n")
+    monkeypatch.setattr(benchmark, "SWEEPS", presets_dir)
+    main(["run", "--preset", "tiny", "--parallel", "2", "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    assert sorted(record.read_text().splitlines()) == ["--env-id Env-v0 --exp-name a --seed 1",
+                                                       "--env-id Env-v0 --exp-name b --seed 2 --x 1"]
+    record.unlink()
+    main(["run", "--preset", "tiny", "--track", "--wandb-project-name", "proj", "--wandb-entity", "team",
+          "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=benchmark.SWEEPS).stdout.strip() or "unknown"
+    for line in record.read_text().splitlines():
+        assert line.endswith(f"--track --wandb-project-name proj --wandb-entity team --wandb-tags sweep:tiny "
+                             f"commit:{commit} preset:tiny"), line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "nope"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: no preset 'nope'; the presets are the sweep files of docs/sweeps/: tiny\n"
+
+
+def test_queue_with_track_tags_runs_with_the_sweep_files_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "argv.txt"
+    (tmp_path / "fake.py").write_text(RECORDING_SCRIPT.format(record=str(record)))
+    (tmp_path / "mine.txt").write_text("fake.py --env-id Env-v0 --exp-name a --seed 1\n")
+    main(["queue", "mine.txt", "--track", "--logs", str(tmp_path / "logs"), "--poll", "0.01"])
+    (line,) = record.read_text().splitlines()
+    assert " --track --wandb-project-name otpr --wandb-tags sweep:mine commit:" in line and "preset:" not in line
+
+
+def test_the_ray_launcher_without_ray_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    (tmp_path / "sweep.txt").write_text("fake.py --env-id Env-v0 --exp-name a --seed 1\n")
+    result = subprocess.run([sys.executable, "-m", "utils.benchmark", "queue", "sweep.txt", "--launcher", "ray"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --launcher ray needs Ray: pip install -r requirements-sweeps.txt")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("Env-v0__*"))

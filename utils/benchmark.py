@@ -35,6 +35,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,14 +117,21 @@ def preset_path(name: str) -> Path:
     return SWEEPS / f"{name}.txt"
 
 
+def pretrained_seed(run: SweepRun) -> str:
+    """The seed of the pre-trained policy a run fine-tunes: its own, or the one in the name of the file that
+    --pretrained-checkpoint gives (runs/pretrained/<env id>__<data>__seed<N>__<config digest>.pt)."""
+    match = re.search(r"__seed(\d+)__", flag_value(run.tokens, "--pretrained-checkpoint", ""))
+    return match.group(1) if match else run.seed
+
+
 def leaders(runs: Sequence[SweepRun]) -> list[int | None]:
     """For each run, the index of the run it waits for (None: it starts when a slot is free). Runs of one env id and
-    seed usually share a pre-trained file (the scripts name it by the pre-training's config): the first of them
-    pre-trains it and the others start once it has saved or loaded one, or has ended, so that no two of them train the
-    same file at once and every method fine-tunes the same policy."""
+    pre-trained seed usually share a pre-trained file (the scripts name it by the pre-training's config): the first of
+    them pre-trains it and the others start once it has saved or loaded one, or has ended, so that no two of them train
+    the same file at once and every method fine-tunes the same policy."""
     first, waits_for = {}, []
     for index, run in enumerate(runs):
-        key = (run.env_id, run.seed)
+        key = (run.env_id, pretrained_seed(run))
         waits_for.append(first.get(key))
         first.setdefault(key, index)
     return waits_for
@@ -724,8 +732,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.exit(2, f"error: {error}\n" if not isinstance(error, ImportError) else
                         f"error: --launcher ray needs Ray: pip install -r requirements-sweeps.txt -c constraints.txt "
                         f"({error})\n")
-        launch(runs, parsed.launcher, parsed.parallel, parsed.threads, logs=parsed.logs, poll_s=parsed.poll,
-               **ray_options)
+        try:
+            launch(runs, parsed.launcher, parsed.parallel, parsed.threads, logs=parsed.logs, poll_s=parsed.poll,
+                   **ray_options)
+        except ValueError as error:  # resources the cluster does not have: one line, exit code 2
+            parser.exit(2, f"error: {error}\n")
     elif parsed.command == "report":
         print(report(parsed.roots, parsed.group_by))
     elif parsed.command == "speed":

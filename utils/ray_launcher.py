@@ -34,7 +34,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from utils.benchmark import PRETRAINED_MARKER, SweepRun, flag_value, job_environment, leaders, unfinished
+from utils.benchmark import (PRETRAINED_MARKER, SweepRun, flag_value, job_environment, leaders, pretrained_seed,
+                             unfinished)
 
 EXCLUDES = ["runs/", ".git/", "videos/", "wandb/", "__pycache__/", ".pytest_cache/"]  # not shipped with the code
 
@@ -213,6 +214,11 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
     ray.init(address=address, runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES},
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        resources = ray.cluster_resources()
+        if cpus_per_run > resources.get("CPU", 0) or gpus_per_run > resources.get("GPU", 0):
+            raise ValueError(f"each run requests {cpus_per_run:g} CPUs and {gpus_per_run:g} GPUs, and the cluster has "
+                             f"{resources.get('CPU', 0):g} and {resources.get('GPU', 0):g}: no run could start "
+                             "(--cpus-per-run, --gpus-per-run)")
         store = RunStore.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote(
             str(cwd), str(Path(runs_root).resolve()), str(Path(logs).resolve()))
@@ -227,8 +233,10 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                     leader_name = None if leader is None else runs[leader].name
                     gate_open = leader_name is None or leader_name in ready_names or states[leader_name] in ("done", "failed")
                     if states[run.name] == "waiting" and gate_open and len(running) < (parallel or len(runs)):
-                        pretrained_dir = flag_value(run.tokens, "--pretrained-dir", "runs/pretrained")
-                        carried = ray.get(store.pretrained_files.remote(pretrained_dir, run.env_id, run.seed))
+                        given = flag_value(run.tokens, "--pretrained-checkpoint")
+                        pretrained_dir = (str(Path(given).parent) if given
+                                          else flag_value(run.tokens, "--pretrained-dir", "runs/pretrained"))
+                        carried = ray.get(store.pretrained_files.remote(pretrained_dir, run.env_id, pretrained_seed(run)))
                         running[task.remote(run, threads, store, carried, poll_s)] = run
                         states[run.name] = "running"
                 done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s) if running else ([], [])
