@@ -1,22 +1,31 @@
-"""Run the methods side by side over seeds, report their summaries as markdown tables, and plot their curves.
+"""Run the methods side by side over seeds, on this machine or a Ray cluster, report their summaries as markdown
+tables, and plot their curves.
 
     python -m utils.benchmark run [--scripts otpr.py idql_baseline.py ...] --seeds 1 2 [--parallel N] [--threads T] \
         -- --total-timesteps 100000
+    python -m utils.benchmark run --preset NAME [--parallel N] [--threads T]     (NAME: a file of docs/sweeps/)
     python -m utils.benchmark queue sweep.txt [--parallel N] [--threads T]
+    ... run or queue ... --launcher ray [--address auto] [--cpus-per-run C] [--gpus-per-run G] [--retries R]
+    ... run or queue ... --track [--wandb-project-name P] [--wandb-entity E]
     python -m utils.benchmark report runs [more_roots ...] [--group-by exp_name]
     python -m utils.benchmark plot runs [more_roots ...] --out docs/kitchen_complete.png [--title TITLE]
     python -m utils.benchmark speed [--device cuda|cpu] [--num-envs N] [--script otpr.py] [-- more script flags]
 
-`run` starts up to --parallel (script, seed) jobs at once (default: all of them) with --threads torch/OpenMP threads
-each (default 1: on a 2-core CPU more threads only contend; on a 16-core GPU machine e.g. --parallel 8 --threads 2).
-It starts a seed's other scripts only after the first script of that seed has written (or loaded) that seed's shared
-pre-trained checkpoint (its log says "pre-trained policy"), so that every method fine-tunes the same file. Logs go to
-runs/benchmark_logs/<script>__seed<seed>.log.
+A sweep is a list of runs, each named by its (env id, exp name, seed), the start of its folder
+runs/<env id>__<exp name>__<seed>__<start time>. `run` makes one from scripts x seeds (a run's exp name is its
+script's, unless the flags after -- give one) or takes a preset, the sweep file docs/sweeps/<NAME>.txt; `queue` takes
+any sweep file (one `script --env-id E --exp-name X --seed N ...` line per run). Started again, a sweep skips its
+finished runs (summary.json) and continues its interrupted ones (`--resume` from their checkpoint.pt): a sweep longer
+than a session. Runs of one env id that fine-tune one seed's pre-trained policy wait for the first of them to have
+made or loaded it (its log says "pre-trained policy"), so that every method fine-tunes the same file.
 
-`queue` runs a file of command lines (`script --env-id E --exp-name X --seed N ...`, one run each), --parallel at a
-time; the same command started again skips the lines whose run finished (summary.json) and continues those that were
-interrupted (`--resume` from their checkpoint.pt): a sweep longer than a session. Logs go to
-runs/benchmark_logs/<env id>__<exp name>__<seed>.log.
+`--launcher local` (the default) starts up to --parallel runs at once as processes (run: all; queue: 1), with
+--threads torch/OpenMP threads each (default 1: on a 2-core CPU more threads only contend; on a 16-core GPU machine
+e.g. --parallel 8 --threads 2). Logs go to runs/benchmark_logs/<env id>__<exp name>__<seed>.log.
+`--launcher ray` makes each run a Ray task on the cluster at --address (none: a local Ray instance) that requests
+--cpus-per-run CPUs and --gpus-per-run GPUs; the results come back to this machine's runs/ whether the cluster shares
+a file system or not, and a run whose worker dies is continued from its checkpoint (utils/ray_launcher.py).
+`--track` runs every script with --track (Weights & Biases), tagged sweep:<name>, commit:<hash> and preset:<name>.
 
 Ctrl-C during `run` or `queue` asks each running run once to stop at its next safe point, where it saves a checkpoint
 (a run's own Ctrl-C handling, utils/runtime.py), and waits for them; a second Ctrl-C makes them stop at once.
