@@ -234,17 +234,3 @@ def test_other_errors_keep_their_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-c", "from utils.runtime import RunGuard; RunGuard(); 1 / 0"],
                           capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[1]))
     assert done.returncode == 1 and "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
-
-
-def test_every_sweep_line_is_a_run_the_script_accepts(monkeypatch):
-    """docs/sweeps/*.txt are run by `utils.benchmark queue` for hours: a flag or a budget its script refuses should
-    fail here, not after the runs before it."""
-    from pathlib import Path
-
-    lines = [line.split() for sweep in sorted(Path("docs/sweeps").glob("*.txt"))
-             for line in sweep.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert len(lines) > 20
-    for script, *flags in lines:
-        module = importlib.import_module(Path(script).stem)
-        monkeypatch.setattr("sys.argv", [script, *flags])
-        module.check_args(module.parse_args())
