@@ -377,7 +377,7 @@ def test_every_preset_line_is_a_command_its_script_accepts(monkeypatch):
 
     from utils.benchmark import SWEEPS, presets, read_sweep
 
-    assert {"paper_state", "kitchen_otpr_idql", "kitchen_five_methods", "can_five_methods", "square_five_methods",
+    assert {"smoke", "paper_state", "kitchen_otpr_idql", "kitchen_five_methods", "can_five_methods", "square_five_methods",
             "bridger_two_goals", "two_goals", "actor_objective"} <= set(presets())
     checked = 0
     for name in presets():
