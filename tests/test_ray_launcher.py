@@ -127,7 +127,7 @@ def test_a_run_with_a_bad_flag_fails_once_with_its_error_and_the_others_finish(s
     failures = [line for line in output.splitlines() if "FAILED" in line]
     assert len(failures) == 1 and "Kitchen-Complete-v0__bad__3" in failures[0], output
     assert "--no-such-flag" in failures[0], output  # the run's own error line, not a Ray traceback
-    assert "2 done, 0 running, 1 failed, 0 waiting" in output
+    assert "2 done, 0 running, 1 failed, 0 queued, 0 waiting" in output
     assert not list((sweeps["ray"] / "runs").glob("Kitchen-Complete-v0__bad__3__*"))
 
 

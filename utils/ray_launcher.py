@@ -80,7 +80,7 @@ class RunStore:
 
     def __init__(self, cwd: str, runs_root: str, logs: str):
         self.cwd, self.runs_root, self.logs = Path(cwd), Path(runs_root), Path(logs)
-        self.ready = set()
+        self.ready, self.started = set(), set()
 
     def put_run(self, name: str, folder_name: str | None, blob: bytes | None, log: bytes) -> None:
         if folder_name is not None:
@@ -99,6 +99,12 @@ class RunStore:
 
     def ready_runs(self) -> set:
         return set(self.ready)
+
+    def mark_started(self, name: str) -> None:
+        self.started.add(name)
+
+    def started_runs(self) -> set:
+        return set(self.started)
 
     def latest_checkpoint(self, name: str):
         """(folder name, checkpoint mtime, pack of the folder) of the run's newest folder with a checkpoint, or None."""
@@ -127,6 +133,7 @@ def die_with_parent() -> None:
 
 def execute(run: SweepRun, threads: int, store, carried: dict, poll_s: float) -> dict:
     """The Ray task: runs one sweep run in this node's copy of the code and keeps the store up to date."""
+    store.mark_started.remote(run.name)  # submitted runs wait in Ray's queue until a node has the resources
     runs = Path("runs")
     log_path = runs / "benchmark_logs" / f"{run.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,8 +259,11 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                     if failed:
                         failures.append(f"{' '.join(run.tokens)} ({why})")
                         print(f"[{time.strftime('%H:%M:%S')}] FAILED {run.name}: {why}", flush=True)
-                progress = {state: [name for name, s in states.items() if s == state]
-                            for state in ("done", "running", "failed", "waiting")}
+                started = ray.get(store.started_runs.remote())
+                shown_states = {name: ("queued" if state == "running" and name not in started else state)
+                                for name, state in states.items()}
+                progress = {state: [name for name, s in shown_states.items() if s == state]
+                            for state in ("done", "running", "failed", "queued", "waiting")}
                 line = ", ".join(f"{len(names)} {state}" for state, names in progress.items())
                 if line != shown:
                     shown = line
