@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from utils.datasets import DatasetError, load_pixel_dataset
 from utils.envs import make_env
-from utils.runtime import (RateWatch, RunGuard, check_writable, load_checkpoint, save_checkpoint, save_summary,
-                           set_threads, whole_iterations)
+from utils.runtime import (RateWatch, RunGuard, check_writable, finish_tracking, load_checkpoint, save_checkpoint,
+                           save_summary, set_threads, start_tracking, whole_iterations)
 
 
 @dataclass
@@ -46,6 +46,14 @@ class Args:
     """on a GPU, replay each pre-training step, critic update, potential-fit chunk, actor update and exploration sample as one CUDA graph"""
     capture_video: bool = False
     """if toggled, record videos of the first evaluation env to `videos/<run_name>`"""
+    track: bool = False
+    """if toggled, mirror this run's TensorBoard logs, config and videos to Weights & Biases (utils/runtime.py)"""
+    wandb_project_name: str = "otpr"
+    """the Weights & Biases project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases team or user (with --track; default: your W&B default)"""
+    wandb_tags: tuple[str, ...] = ()
+    """tags of the Weights & Biases run (with --track); utils.benchmark adds the sweep's, the commit's and the preset's"""
     resume: Optional[str] = None
     """a run directory or checkpoint file to continue from (its saved Args are used, except `cuda` and `threads`)"""
 
@@ -1066,7 +1074,7 @@ def check_args(args: Args):
     for field in dataclasses.fields(args):
         value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
         values = value if isinstance(value, tuple) else (value,)
-        if not values:
+        if not values and field.name != "wandb_tags":  # a run may have no W&B tags
             raise ValueError(f"{flag} needs at least one value")
         if isinstance(value, bool) or not all(isinstance(x, (int, float)) for x in values):
             continue
@@ -1195,10 +1203,11 @@ if __name__ == "__main__":
             check_writable(Path("runs") / resume_state["run_name"])
         run_dir = (Path("runs") / resume_state["run_name"] if resume_state
                    else new_run_dir(f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+        guard.run_dir, run_name = run_dir, run_dir.name  # from here on a failed start's folder is removed at exit
+        tracking = start_tracking(args, run_dir) if args.track else None  # before the SummaryWriter, which it mirrors
     except (ValueError, DatasetError, OSError) as error:  # OSError: a missing file, a folder it cannot write
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    guard.run_dir, run_name = run_dir, run_dir.name
     threads = set_threads(args.threads)
     # On resume, drop only what the interrupted process logged after its checkpoint's step.
     writer = SummaryWriter(str(run_dir), purge_step=resume_state["global_step"] + 1 if resume_state else None)
@@ -1459,3 +1468,4 @@ if __name__ == "__main__":
     envs.close()
     eval_envs.close()
     writer.close()
+    finish_tracking(tracking, run_name)

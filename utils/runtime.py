@@ -1,10 +1,11 @@
 """The plumbing of a run's process that no reader of a method needs: how many CPU threads torch uses, a warning when
 the run slows down because another process takes its cores, a clean stop on Ctrl-C or a full disk, files written so
-that a failed write never damages the last good one, and a budget of whole iterations. Every script imports it;
-nothing here knows an algorithm.
+that a failed write never damages the last good one, a budget of whole iterations, and the optional mirror of a run
+to Weights & Biases (--track). Every script imports it; nothing here knows an algorithm.
 """
 import atexit
 import errno
+import hashlib
 import json
 import os
 import re
@@ -168,7 +169,7 @@ class RunGuard:
         if self.resumable():
             message += f"; continue with: python {os.path.basename(sys.argv[0])} --resume {self.run_dir}"
         tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
-        raise SystemExit(130)
+        sys.exit(130)  # not `raise SystemExit`: with --track, wandb learns the exit code from sys.exit (start_tracking)
 
 
 # ------------------------------------------------------------------------------------------------- writing files
@@ -190,7 +191,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]):
         free_mib = shutil.disk_usage(path.parent).free / 2**20
         tqdm.write(f"error: could not write {path} ({reason[:120]}; {free_mib:.0f} MiB free there): free disk space "
                    "or make the folder writable; the files written before are intact", file=sys.stderr)
-        raise SystemExit(2) from None
+        sys.exit(2)  # as RunGuard.stop
 
 
 # A checkpoint holds tensors, plain Python values and NumPy arrays and numbers (the RNG state, DPPO's reward scaler).
@@ -251,3 +252,57 @@ def whole_iterations(total_timesteps: int, num_envs: int, num_steps: int, chunk_
                      f"steps (--num-envs {num_envs} x --num-steps {num_steps} decisions x --chunk-size {chunk_size} "
                      f"actions): use {nearest}")
 
+
+# ------------------------------------------------------------------------------------------- tracking (--track)
+def start_tracking(args, run_dir: Path):
+    """Starts the Weights & Biases run that mirrors this one (CleanRL's --track) and returns it: its name is the run
+    folder's, its config the run's Args, and it copies every scalar the run's TensorBoard writer logs (not the event
+    files), so it must start before the script creates its SummaryWriter. Its files go to
+    <run_dir>/wandb/[offline-]run-<time>-<id>; with WANDB_MODE=offline nothing leaves the machine until `wandb sync`
+    of that folder. The W&B run id is derived from the run folder's name, so `--resume <run_dir>` continues the same
+    W&B run (offline: a second folder of the same id, to sync after the first). wandb is imported here only: a run
+    without --track needs it not. ValueError when wandb is missing or cannot start the run (the scripts print it as one
+    `error:` line and exit with code 2; the new run folder, still without a checkpoint, is removed at exit)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--track needs wandb: pip install -r requirements-sweeps.txt -c constraints.txt") from None
+    guard_excepthook = sys.excepthook
+    try:
+        # The TensorBoard mirror, scalars only (save=False). wandb.init's sync_tensorboard=True would also copy each
+        # event file into the W&B run's files, which lie in run_dir: W&B then finds the copy as one more event file of
+        # run_dir, copies it again, one folder deeper, and mirrors every scalar once per copy.
+        wandb.tensorboard.patch(save=False, root_logdir=str(run_dir))
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
+                         id=hashlib.sha1(run_dir.name.encode()).hexdigest()[:16], resume="allow", config=vars(args),
+                         tags=list(args.wandb_tags), dir=str(run_dir), save_code=False)
+    except wandb.errors.Error as error:  # not logged in, no network, a project or entity it may not write to
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"--track: Weights & Biases could not start the run: {message[:300]} (to run without "
+                         "W&B's servers: WANDB_MODE=offline, then `wandb sync` the run's wandb/offline-run-* "
+                         "folders)") from None
+
+    # wandb.init puts a hook of its own in front of RunGuard's that prints every error's traceback, a full disk's too:
+    # RunGuard's reports the error alone, then the W&B run ends failed with the exit code. (A stop, or any other
+    # sys.exit, reaches W&B through wandb's own sys.exit hook: the run ends with that exit code at exit.)
+    def report(kind, error, traceback):
+        try:
+            guard_excepthook(kind, error, traceback)
+        finally:
+            run.finish(exit_code=2 if is_disk_full(error) else 1)
+
+    sys.excepthook = report
+    return run
+
+
+def finish_tracking(run, run_name: str):
+    """Logs the run's evaluation videos (videos/<run_name>/*.mp4, written with --capture-video) to its W&B run, then
+    finishes it; nothing without --track (run is None)."""
+    if run is None:
+        return
+    import wandb
+
+    videos = sorted(Path("videos", run_name).glob("*.mp4"))
+    if videos:
+        run.log({"videos": [wandb.Video(str(path), caption=path.stem) for path in videos]})
+    run.finish()
