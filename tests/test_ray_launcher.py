@@ -151,3 +151,35 @@ def test_resources_the_cluster_lacks_are_one_line_and_exit_2(tmp_path):
                                                f"{os.cpu_count()} and 0: no run could start (--cpus-per-run, "
                                                "--gpus-per-run)"), output
     assert not list(cluster.glob("runs/Kitchen-Complete-v0__*"))
+
+
+STOPPABLE = """import signal, sys, time
+from pathlib import Path
+signals = []
+signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
+Path({ready!r}).write_text("")
+while not signals:
+    time.sleep(0.05)
+Path({record!r}).write_text(str(len(signals)))
+raise SystemExit(130)
+"""
+
+
+def test_ctrl_c_asks_each_running_script_once_to_stop(tmp_path):
+    """Ray's workers block SIGINT, and a script inherits the mask: unless the launcher unblocks it, the script never
+    hears the stop, and the sweep hangs."""
+    cluster = copy_of_repository(tmp_path / "repo")
+    (cluster / "stoppable.py").write_text(STOPPABLE.format(ready=str(tmp_path / "ready"),
+                                                           record=str(tmp_path / "signals")))
+    (cluster / "sweep.txt").write_text("stoppable.py --env-id Env-v0 --exp-name a --seed 1\n")
+    driver = benchmark(cluster, "queue", "sweep.txt", "--launcher", "ray",
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for _ in range(600):  # until the script runs on its worker
+        if (tmp_path / "ready").exists():
+            break
+        assert driver.poll() is None, driver.communicate()[0]
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    output = driver.communicate(timeout=120)[0]
+    assert "stopping 1 running run(s) at their next safe point" in output, output
+    assert (tmp_path / "signals").read_text() == "1", output

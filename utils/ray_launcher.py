@@ -122,9 +122,11 @@ class RunStore:
 
 
 def die_with_parent() -> None:
-    """In the started script: a new session (Ctrl-C reaches it only through the task), and SIGKILL when the worker
-    that started it dies, so that a retried run never runs twice at once (Linux; elsewhere the session only)."""
+    """In the started script: a new session (Ctrl-C reaches it only through the task), the signals that Ray's worker
+    blocks unblocked (else the script never sees the SIGINT that asks it to stop), and SIGKILL when the worker that
+    started it dies, so that a retried run never runs twice at once (Linux; elsewhere the session only)."""
     os.setsid()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
