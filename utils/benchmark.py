@@ -685,12 +685,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sweep_options.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     run_parser = commands.add_parser("run", parents=[sweep_options],
                                      help="run scripts x seeds (arguments after -- go to every script), or a preset")
-    run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS))
-    run_parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), help="the scripts to run (default: the five)")
+    run_parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="each script runs once per seed")
     run_parser.add_argument("--preset", default=None,
                             help=f"a named sweep instead of scripts x seeds: {', '.join(presets())} (docs/sweeps/)")
     run_parser.add_argument("--parallel", type=int, default=None, help="at most this many runs at once (default: all)")
-    run_parser.add_argument("extra", nargs=argparse.REMAINDER)
+    run_parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags for every script")
     queue_parser = commands.add_parser("queue", parents=[sweep_options],
                                        help="run a sweep file of command lines; started again, skips finished runs "
                                             "and resumes interrupted ones")
