@@ -29,8 +29,8 @@ BAD = "idql_baseline.py --env-id Kitchen-Complete-v0 --seed 3 --exp-name bad --n
 
 
 def copy_of_repository(destination: Path) -> Path:
-    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns("runs", ".git", "__pycache__", ".pytest_cache",
-                                                                      "wandb", "videos", "*.egg-info"), dirs_exist_ok=True)
+    shutil.copytree(ROOT, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        "runs", ".git", "__pycache__", ".pytest_cache", "wandb", "videos", "*.egg-info"))
     (destination / "sweep.txt").write_text("\n".join([*SWEEP, BAD]) + "\n")
     return destination
 
@@ -69,7 +69,7 @@ def sweeps(tmp_path_factory):
     """The local sweep, then the Ray sweep, during which the Ray worker that runs `killed` is SIGKILLed once its first
     checkpoint has reached the driver's runs/."""
     local = copy_of_repository(tmp_path_factory.mktemp("local"))
-    local_output = benchmark(local, "queue", "sweep.txt", "--parallel", "2", "--threads", "1").communicate(timeout=900)[0]
+    local_output = benchmark(local, "queue", "sweep.txt", "--parallel", "2").communicate(timeout=900)[0]
 
     cluster = copy_of_repository(tmp_path_factory.mktemp("ray"))
     driver = benchmark(cluster, "queue", "sweep.txt", "--launcher", "ray", "--cpus-per-run", "1", "--retries", "2")

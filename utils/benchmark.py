@@ -148,7 +148,7 @@ def leaders(runs: Sequence[SweepRun]) -> list[int | None]:
 
 def unfinished(runs: Sequence[SweepRun], runs_root: Path) -> list[SweepRun]:
     """The runs of a sweep that have no finished folder (summary.json) under runs_root; a finished one is named and
-    skipped, so that a sweep started again runs nothing twice (delete its folder, or change --exp-name, to run it again)."""
+    skipped, so that a sweep started again runs nothing twice (to rerun one: delete its folder, or change --exp-name)."""
     todo = []
     for run in runs:
         if any((folder / "summary.json").is_file() for folder in Path(runs_root).glob(f"{run.name}__*")):
@@ -160,11 +160,12 @@ def unfinished(runs: Sequence[SweepRun], runs_root: Path) -> list[SweepRun]:
 
 def resumable_folder(run: SweepRun, runs_root: Path) -> Path | None:
     """The newest folder of the run that holds a checkpoint.pt, which `--resume` continues; None to start afresh."""
-    folders = [folder for folder in sorted(Path(runs_root).glob(f"{run.name}__*")) if (folder / "checkpoint.pt").is_file()]
+    folders = [f for f in sorted(Path(runs_root).glob(f"{run.name}__*")) if (f / "checkpoint.pt").is_file()]
     return folders[-1] if folders else None
 
 
-def with_tracking(runs: Sequence[SweepRun], sweep: str, preset: str | None, project: str, entity: str | None) -> list[SweepRun]:
+def with_tracking(runs: Sequence[SweepRun], sweep: str, preset: str | None, project: str,
+                  entity: str | None) -> list[SweepRun]:
     """--track passed through to every run, with W&B tags naming the sweep, the commit and the preset."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -211,8 +212,8 @@ def stop_jobs(processes: Sequence[subprocess.Popen]) -> None:
             process.wait()
 
 
-def launch_local(runs: Sequence[SweepRun], parallel: int | None = None, threads: int = 1, runs_root: Path = Path("runs"),
-                 logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
+def launch_local(runs: Sequence[SweepRun], parallel: int | None = None, threads: int = 1,
+                 runs_root: Path = Path("runs"), logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0) -> None:
     """Runs the sweep's unfinished runs as processes on this machine, at most `parallel` at a time (None: all), each
     with `threads` threads; an interrupted run (a folder with checkpoint.pt) continues with `--resume`; a run that
     shares its env id and seed with an earlier one waits for it (leaders). Logs: <logs>/<run name>.log, appended to.
@@ -668,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sweep_options = argparse.ArgumentParser(add_help=False)  # how any sweep runs: `run` and `queue`
     sweep_options.add_argument("--threads", type=int, default=1, help="OpenMP/MKL/torch threads per run (default: 1)")
     sweep_options.add_argument("--launcher", choices=["local", "ray"], default="local",
-                               help="local: processes on this machine; ray: tasks on a Ray cluster (utils/ray_launcher.py)")
+                               help="local: processes on this machine; ray: tasks on a Ray cluster "
+                                    "(utils/ray_launcher.py)")
     sweep_options.add_argument("--address", default=None,
                                help="with --launcher ray: the cluster (auto: the one this machine belongs to; default: "
                                     "a local Ray instance)")
@@ -676,16 +678,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sweep_options.add_argument("--gpus-per-run", type=float, default=0,
                                help="with --launcher ray: GPUs a run requests (0.25: four runs share a GPU)")
     sweep_options.add_argument("--retries", type=int, default=2,
-                               help="with --launcher ray: times a run whose worker died is continued from its checkpoint")
+                               help="with --launcher ray: times a run whose worker died is continued from its "
+                                    "checkpoint")
     sweep_options.add_argument("--track", action="store_true",
-                               help="every run logs to Weights & Biases, tagged with the sweep, the commit and the preset")
+                               help="every run logs to Weights & Biases, tagged with the sweep, the commit and the "
+                                    "preset")
     sweep_options.add_argument("--wandb-project-name", default="otpr", help="with --track: the W&B project")
     sweep_options.add_argument("--wandb-entity", default=None, help="with --track: the W&B team or user")
     sweep_options.add_argument("--logs", type=Path, default=Path("runs/benchmark_logs"), help=argparse.SUPPRESS)
     sweep_options.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     run_parser = commands.add_parser("run", parents=[sweep_options],
                                      help="run scripts x seeds (arguments after -- go to every script), or a preset")
-    run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), help="the scripts to run (default: the five)")
+    run_parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), help="scripts to run (default: the five)")
     run_parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="each script runs once per seed")
     run_parser.add_argument("--preset", default=None,
                             help=f"a named sweep instead of scripts x seeds: {', '.join(presets())} (docs/sweeps/)")
@@ -696,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             "and resumes interrupted ones")
     queue_parser.add_argument("file", type=Path)
     queue_parser.add_argument("--parallel", type=int, default=None,
-                              help="at most this many runs at once (default: 1 locally; with ray, what the cluster fits)")
+                              help="at most this many runs at once (default: 1 locally; with ray, what the cluster "
+                                   "fits)")
     report_parser = commands.add_parser("report", help="markdown tables of every summary.json under the folders")
     report_parser.add_argument("roots", type=Path, nargs="*", default=[Path("runs")])
     report_parser.add_argument("--group-by", default="exp_name", help="summary.json key to aggregate seeds by")

@@ -203,7 +203,8 @@ def execute(run: SweepRun, threads: int, store, carried: dict, poll_s: float) ->
     if process.returncode and not marked:
         store.mark_ready.remote(run.name)  # the waiting runs go on: they pre-train themselves or fail on their own
     lines = [line.strip(" │╭╮╰╯─") for line in log_path.read_text(errors="ignore").splitlines()]
-    said = [line for line in lines if re.search(r"(?i)error|unrecognized|invalid|missing", line)] or [l for l in lines if l]
+    said = ([line for line in lines if re.search(r"(?i)error|unrecognized|invalid|missing", line)]
+            or [line for line in lines if line])
     return {"returncode": process.returncode, "last_line": said[-1] if said else ""}
 
 
@@ -240,12 +241,14 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                 ready_names = ray.get(store.ready_runs.remote())
                 for run, leader in zip(runs, waits_for):
                     leader_name = None if leader is None else runs[leader].name
-                    gate_open = leader_name is None or leader_name in ready_names or states[leader_name] in ("done", "failed")
+                    gate_open = (leader_name is None or leader_name in ready_names
+                                 or states[leader_name] in ("done", "failed"))
                     if states[run.name] == "waiting" and gate_open and len(running) < (parallel or len(runs)):
                         given = flag_value(run.tokens, "--pretrained-checkpoint")
                         pretrained_dir = (str(Path(given).parent) if given
                                           else flag_value(run.tokens, "--pretrained-dir", "runs/pretrained"))
-                        carried = ray.get(store.pretrained_files.remote(pretrained_dir, run.env_id, pretrained_seed(run)))
+                        carried = ray.get(store.pretrained_files.remote(pretrained_dir, run.env_id,
+                                                                        pretrained_seed(run)))
                         running[task.remote(run, threads, store, carried, poll_s)] = run
                         states[run.name] = "running"
                 done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s) if running else ([], [])
@@ -256,7 +259,8 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                         failed = result["returncode"] != 0
                         why = f"exit {result['returncode']}: {result['last_line']}"
                     except (RunKilled, ray.exceptions.RayError) as error:
-                        failed, why = True, f"{type(error).__name__} after {retries} retries: {str(error).splitlines()[0]}"
+                        failed = True
+                        why = f"{type(error).__name__} after {retries} retries: {str(error).splitlines()[0]}"
                     states[run.name] = "failed" if failed else "done"
                     if failed:
                         failures.append(f"{' '.join(run.tokens)} ({why})")
