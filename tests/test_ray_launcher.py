@@ -165,7 +165,8 @@ raise SystemExit(130)
 """
 
 
-def test_ctrl_c_asks_each_running_script_once_to_stop(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_asks_each_running_script_once_to_stop(tmp_path, stop):
     """Ray's workers block SIGINT, and a script inherits the mask: unless the launcher unblocks it, the script never
     hears the stop, and the sweep hangs."""
     cluster = copy_of_repository(tmp_path / "repo")
@@ -179,7 +180,7 @@ def test_ctrl_c_asks_each_running_script_once_to_stop(tmp_path):
             break
         assert driver.poll() is None, driver.communicate()[0]
         time.sleep(0.2)
-    os.kill(driver.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    os.kill(driver.pid, stop)  # the terminal's Ctrl-C, or a scheduler's SIGTERM
     output = driver.communicate(timeout=120)[0]
     assert "stopping 1 running run(s) at their next safe point" in output, output
     assert (tmp_path / "signals").read_text() == "1", output

@@ -15,8 +15,8 @@ checkpoint or a summary, and the store writes them under the driver's runs/, whe
 - Retries: a run whose worker dies (node lost, worker killed: its script dies with it) or whose script is killed by a
   signal is retried up to --retries times, from its last checkpoint: the newer of the node's own copy and the store's.
   A run that exits with an error of its own (bad flags, a NaN) is reported once and not retried.
-- Ctrl-C: every running script is asked once to stop at its next safe point; its checkpoint reaches the store, and the
-  same sweep started again continues it.
+- Ctrl-C (or SIGTERM to the sweep): every running script is asked once to stop at its next safe point; its checkpoint
+  reaches the store, and the same sweep started again continues it.
 """
 import ctypes
 import io
@@ -275,7 +275,8 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                     shown = line
                     print(f"[{time.strftime('%H:%M:%S')}] {line}; running: {', '.join(progress['running']) or '-'}",
                           flush=True)
-        except BaseException:  # Ctrl-C: each running script stops at a safe point and its checkpoint reaches the store
+        except BaseException:  # Ctrl-C, or SIGTERM (ray.init makes it a SystemExit): each running script stops at a
+            # safe point, and its checkpoint reaches the store
             print(f"stopping {len(running)} running run(s) at their next safe point, with a checkpoint",
                   file=sys.stderr, flush=True)
             for ref in running:
