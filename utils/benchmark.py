@@ -158,9 +158,10 @@ def unfinished(runs: Sequence[SweepRun], runs_root: Path) -> list[SweepRun]:
     return todo
 
 
-def resumable_folder(run: SweepRun, runs_root: Path) -> Path | None:
-    """The newest folder of the run that holds a checkpoint.pt, which `--resume` continues; None to start afresh."""
-    folders = [f for f in sorted(Path(runs_root).glob(f"{run.name}__*")) if (f / "checkpoint.pt").is_file()]
+def resumable_folder(name: str, runs_root: Path) -> Path | None:
+    """The newest folder of the run `name` (<env id>__<exp name>__<seed>) that holds a checkpoint.pt, which `--resume`
+    continues; None to start afresh."""
+    folders = [f for f in sorted(Path(runs_root).glob(f"{name}__*")) if (f / "checkpoint.pt").is_file()]
     return folders[-1] if folders else None
 
 
@@ -228,7 +229,7 @@ def launch_local(runs: Sequence[SweepRun], parallel: int | None = None, threads:
     runs = unfinished(runs, runs_root)
     jobs = []  # dicts: run, command, log, leader (a job or None), state, process, handle, start, marker
     for run, leader in zip(runs, leaders(runs)):
-        folder = resumable_folder(run, runs_root)
+        folder = resumable_folder(run.name, runs_root)
         command = [sys.executable, run.tokens[0], *(["--resume", str(folder)] if folder else run.tokens[1:])]
         jobs.append({"run": run, "command": command, "log": logs / f"{run.name}.log", "state": "pending",
                      "leader": None if leader is None else jobs[leader], "process": None, "handle": None,

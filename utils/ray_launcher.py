@@ -35,7 +35,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from utils.benchmark import (PRETRAINED_MARKER, SweepRun, flag_value, job_environment, leaders, pretrained_seed,
-                             unfinished)
+                             resumable_folder, unfinished)
 
 EXCLUDES = ["runs/", ".git/", "videos/", "wandb/", "__pycache__/", ".pytest_cache/"]  # not shipped with the code
 
@@ -54,23 +54,17 @@ def pack(paths: dict[str, Path]) -> bytes:
     return buffer.getvalue()
 
 
-def unpack(blob: bytes, root: Path, folder: str | None = None) -> None:
-    """Writes a pack() under root. A folder named by `folder` is replaced as a whole (unpacked beside it, then
-    renamed over it), so that a reader never sees half of an update."""
+def unpack(blob: bytes, root: Path) -> None:
+    """Writes a pack() under root. A folder replaces the old one as a whole (unpacked beside it, then renamed over
+    it), and a file the old file, so that a reader never sees half of an update."""
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as staging, tarfile.open(fileobj=io.BytesIO(blob)) as archive:
         archive.extractall(staging, filter="data")
         for entry in Path(staging).iterdir():
             target = root / entry.name
-            if entry.is_dir() and entry.name == folder and target.exists():
-                old = Path(staging) / ".old"
-                target.rename(old)
-                entry.rename(target)
-            elif entry.is_dir():
-                entry.rename(target)
-            else:  # a single file (a log, a pre-trained policy): atomically over the old one
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(entry, target)
+            if entry.is_dir() and target.exists():
+                target.rename(Path(staging) / ".old")  # removed with the staging folder
+            os.replace(entry, target)
 
 
 @ray.remote(num_cpus=0)
@@ -84,7 +78,7 @@ class RunStore:
 
     def put_run(self, name: str, folder_name: str | None, blob: bytes | None, log: bytes) -> None:
         if folder_name is not None:
-            unpack(blob, self.runs_root, folder_name)
+            unpack(blob, self.runs_root)
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / f"{name}.log").write_bytes(log)
 
@@ -108,10 +102,9 @@ class RunStore:
 
     def latest_checkpoint(self, name: str):
         """(folder name, checkpoint mtime, pack of the folder) of the run's newest folder with a checkpoint, or None."""
-        folders = [f for f in sorted(self.runs_root.glob(f"{name}__*")) if (f / "checkpoint.pt").is_file()]
-        if not folders:
+        folder = resumable_folder(name, self.runs_root)
+        if folder is None:
             return None
-        folder = folders[-1]
         return folder.name, (folder / "checkpoint.pt").stat().st_mtime, pack({folder.name: folder})
 
     def pretrained_files(self, relative_dir: str, env_id: str, seed: str) -> dict:
@@ -143,15 +136,15 @@ def execute(run: SweepRun, threads: int, store, carried: dict, poll_s: float) ->
         if not Path(relative).exists():
             unpack(blob, Path(relative).parent)
     # Continue from the newest checkpoint: this node's copy (a retry on the same node) or the store's (another node).
-    local = [f for f in sorted(runs.glob(f"{run.name}__*")) if (f / "checkpoint.pt").is_file()]
+    local = resumable_folder(run.name, runs)
     stored = ray.get(store.latest_checkpoint.remote(run.name))
     folder = None
     if stored is not None:
         name, mtime, blob = stored
-        if local and local[-1].name == name and (local[-1] / "checkpoint.pt").stat().st_mtime >= mtime:
-            folder = local[-1]
+        if local is not None and local.name == name and (local / "checkpoint.pt").stat().st_mtime >= mtime:
+            folder = local
         else:
-            unpack(blob, runs, name)
+            unpack(blob, runs)
             folder = runs / name
     command = [sys.executable, run.tokens[0], *(["--resume", str(folder)] if folder else run.tokens[1:])]
     started = time.time()
@@ -168,8 +161,7 @@ def execute(run: SweepRun, threads: int, store, carried: dict, poll_s: float) ->
 
     def send(final: bool = False) -> None:
         nonlocal marked
-        text = log_path.read_text(errors="ignore")
-        if not marked and PRETRAINED_MARKER in text:
+        if not marked and PRETRAINED_MARKER in (text := log_path.read_text(errors="ignore")):  # read until found
             line = next(line for line in text.splitlines()[::-1] if PRETRAINED_MARKER in line)
             path = Path(line.split(" from " if " from " in line else " to ")[-1].strip())
             if path.is_file() and not path.is_absolute():
@@ -258,7 +250,7 @@ def launch_ray(runs: Sequence[SweepRun], address: str | None = None, cpus_per_ru
                         result = ray.get(ref)
                         failed = result["returncode"] != 0
                         why = f"exit {result['returncode']}: {result['last_line']}"
-                    except (RunKilled, ray.exceptions.RayError) as error:
+                    except ray.exceptions.RayError as error:  # retries spent (RunKilled arrives as a RayTaskError)
                         failed = True
                         why = f"{type(error).__name__} after {retries} retries: {str(error).splitlines()[0]}"
                     states[run.name] = "failed" if failed else "done"
