@@ -291,13 +291,6 @@ def run(scripts: Sequence[str], seeds: Sequence[int], extra: Sequence[str], para
     launch(runs_of_scripts(scripts, seeds, extra), launcher, parallel, threads, runs_root, logs, poll_s, **ray_options)
 
 
-def queue(path: Path, parallel: int = 1, threads: int = 1, runs_root: Path = Path("runs"),
-          logs: Path = Path("runs/benchmark_logs"), poll_s: float = 2.0, launcher: str = "local", **ray_options) -> None:
-    """Runs the lines of a sweep file (read_sweep), so that a sweep longer than a session can be stopped and started
-    again with the same command: a finished run is skipped, an interrupted one continues from its checkpoint."""
-    launch(read_sweep(path), launcher, parallel, threads, runs_root, logs, poll_s, **ray_options)
-
-
 # -------------------------------------------------------------------------------------------------------- report
 def load_summaries(roots: Path | Sequence[Path]) -> list[tuple[Path, dict]]:
     """(run folder, summary) of every <root>/*/summary.json (or <root>/summary.json), sorted by env, exp, seed."""
